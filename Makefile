@@ -1,0 +1,32 @@
+# Two commands do all set-up: `make demo` (the main job) and `make test` (the whole suite).
+# Each creates .venv and installs the package with its dependencies when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m lightning_compress demo
+
+test: $(STAMP)
+	$(PY) -m ruff check lightning_compress tests benchmarks examples
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check lightning_compress tests benchmarks examples
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) benchmarks/pruning_vs_modelpruning.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache lightning_logs

@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmark scripts: seeded training with per-epoch timing, and tables.
+
+Every benchmark prints ratios measured in one run against a baseline or a peer, with runs of the
+different arms interleaved (this machine's timing noise is about +-6%, see shared/BENCHMARKING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from lightning_compress.data import get_datamodule
+from lightning_compress.module import ClassificationModule
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class EpochTimer(pl.Callback):
+    """Wall-clock seconds of each training epoch (put it last so other callbacks' epoch-end work counts)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def fit(
+    module: pl.LightningModule,
+    data: str,
+    epochs: int,
+    seed: int,
+    callbacks: Sequence[pl.Callback] = (),
+) -> tuple[float, float]:
+    """Train ``module`` for ``epochs`` (no validation during training); return (val accuracy, median epoch s)."""
+    pl.seed_everything(seed, verbose=False)
+    datamodule = get_datamodule(data, seed=seed)
+    timer = EpochTimer()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[*callbacks, timer],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    result = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    accuracy = result.validate(module, datamodule=datamodule, verbose=False)[0]["val/acc"]
+    return float(accuracy), statistics.median(timer.times)
+
+
+def new_module(model: str, data: str, seed: int, **kwargs: Any) -> ClassificationModule:
+    """A freshly initialised ``ClassificationModule`` (seeded) for ``model`` on ``data``."""
+    pl.seed_everything(seed, verbose=False)
+    datamodule = get_datamodule(data)
+    return ClassificationModule(model, datamodule.num_classes, datamodule.in_channels, **kwargs)
+
+
+def prunable(module: nn.Module) -> list[nn.Module]:
+    """The Conv/Linear layers every pruning arm prunes (the same set for ours and the peers)."""
+    return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def weight_sparsity(module: nn.Module) -> float:
+    """Fraction of exactly-zero Conv/Linear weights, counted from the tensors."""
+    layers = prunable(module)
+    zeros = sum(int((m.weight == 0).sum()) for m in layers)
+    return zeros / sum(m.weight.numel() for m in layers)
+
+
+def mean_spread(values: Sequence[float]) -> str:
+    """``mean ± std`` in percent points (std 0 for a single value)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, payload: Any, directory: Path = RESULTS) -> Path:
+    """Write raw results to ``<directory>/<name>.json`` (default ``benchmarks/results``, ignored by git)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+Arm = Callable[[int], tuple[float, float, float]]

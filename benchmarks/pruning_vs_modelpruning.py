@@ -1,0 +1,143 @@
+"""Our MagnitudePruning vs Lightning's ModelPruning vs one-shot pruning + fine-tuning, in one run.
+
+Same CNN, data, optimizer and epochs for every arm; several seeds; runs interleaved by seed.
+Arms, at every target sparsity:
+  - dense                : no pruning, E epochs (the accuracy and epoch-time baseline)
+  - dense 2E             : no pruning, 2E epochs (the compute-matched control for one-shot)
+  - ModelPruning (LTH)   : Lightning's ModelPruning, global L1, per-epoch amounts reaching the
+                           target over the first R epochs; its default use_lottery_ticket_hypothesis=True
+  - ModelPruning         : the same with the lottery-ticket rewind off
+  - one-shot + FT        : torch.nn.utils.prune global L1 on the dense model, then E fine-tuning epochs
+                           (2E epochs in all)
+  - ours                 : MagnitudePruning, cubic GMP from epoch 0 to R, E epochs
+  - ours 2E              : MagnitudePruning over 2E epochs (ramp to 2R): compute-matched with one-shot
+Time ratio: median epoch time of the arm / median epoch time of the dense runs of the same seed.
+
+Run: ``.venv/bin/python benchmarks/pruning_vs_modelpruning.py`` (about 30 minutes on 2 cores);
+``--epochs 1 --seeds 1 --targets 0.5 --data digits`` is a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import RESULTS, fit, markdown, mean_spread, new_module, prunable, save, weight_sparsity
+from lightning.pytorch.callbacks import ModelPruning
+from torch.nn.utils import prune as torch_prune
+
+from lightning_compress import MagnitudePruning
+
+
+def modelpruning(module: torch.nn.Module, target: float, ramp: int, lottery: bool) -> ModelPruning:
+    per_epoch = 1.0 - (1.0 - target) ** (1.0 / ramp)  # ModelPruning's amount applies to what is left
+    return ModelPruning(
+        "l1_unstructured",
+        parameters_to_prune=[(m, "weight") for m in prunable(module)],
+        amount=lambda epoch: per_epoch if epoch < ramp else 0.0,
+        use_global_unstructured=True,
+        use_lottery_ticket_hypothesis=lottery,
+        make_pruning_permanent=True,
+        verbose=0,
+    )
+
+
+def one_shot(dense_state: dict[str, Any], args: argparse.Namespace, seed: int, target: float) -> dict[str, float]:
+    module = new_module(args.model, args.data, seed)
+    module.load_state_dict(dense_state)
+    params = [(m, "weight") for m in prunable(module)]
+    torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=target)
+    accuracy, epoch = fit(module, args.data, args.epochs, seed)
+    for layer, name in params:
+        torch_prune.remove(layer, name)
+    return {"acc": accuracy, "epoch_s": epoch, "sparsity": weight_sparsity(module)}
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]:
+    ramp = max(1, round(args.ramp * args.epochs))
+    out: dict[str, dict[str, float]] = {}
+
+    def arm(name: str, epochs: int, make_callbacks: Any = None) -> torch.nn.Module:
+        module = new_module(args.model, args.data, seed)
+        callbacks = make_callbacks(module) if make_callbacks else []
+        accuracy, epoch = fit(module, args.data, epochs, seed, callbacks)
+        out[name] = {"acc": accuracy, "epoch_s": epoch, "sparsity": weight_sparsity(module)}
+        print(f"seed {seed} {name:28s} acc {accuracy:.4f} sparsity {out[name]['sparsity']:.4f} epoch {epoch:.2f}s")
+        return module
+
+    dense = arm("dense", args.epochs)
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    for target in args.targets:
+        t = f"{target:g}"
+        arm(f"{t}/ModelPruning (LTH)", args.epochs, lambda m, t_=target: [modelpruning(m, t_, ramp, lottery=True)])
+        arm(f"{t}/ModelPruning", args.epochs, lambda m, target=target: [modelpruning(m, target, ramp, lottery=False)])
+        out[f"{t}/one-shot + FT"] = one_shot(dense_state, args, seed, target)
+        print(f"seed {seed} {t}/one-shot + FT: {out[f'{t}/one-shot + FT']}")
+        arm(f"{t}/ours", args.epochs, lambda m, target=target: [MagnitudePruning(target, end_epoch=ramp)])
+        arm(f"{t}/ours 2E", 2 * args.epochs, lambda m, target=target: [MagnitudePruning(target, end_epoch=2 * ramp)])
+        if target == args.targets[len(args.targets) // 2]:
+            arm("dense 2E", 2 * args.epochs)  # the control, run mid-way so the dense timings bracket the rest
+    return out
+
+
+def report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
+    epochs = {"dense": 1, "dense 2E": 2, "ModelPruning (LTH)": 1, "ModelPruning": 1, "one-shot + FT": 2, "ours": 1}
+    acc: dict[str, list[float]] = defaultdict(list)
+    ratio: dict[str, list[float]] = defaultdict(list)
+    sparsity: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        dense_epoch = statistics.median([run["dense"]["epoch_s"], run["dense 2E"]["epoch_s"]])
+        for name, figures in run.items():
+            acc[name].append(figures["acc"])
+            ratio[name].append(figures["epoch_s"] / dense_epoch)
+            sparsity[name].append(figures["sparsity"])
+
+    def row(name: str, label: str) -> list[Any]:
+        r = ratio[name]
+        ep = epochs.get(label, 2 if label.endswith("2E") else 1) * args.epochs
+        spread = f"{statistics.median(r):.3f} [{min(r):.3f}–{max(r):.3f}]"
+        return [label, ep, mean_spread(acc[name]), f"{statistics.mean(sparsity[name]):.4f}", spread]
+
+    header = ["arm", "epochs", "val acc % (mean ± std)", "sparsity", "epoch time vs dense (median [range])"]
+    rows = [row("dense", "dense"), row("dense 2E", "dense 2E")]
+    lines: list[str] = []
+    for target in args.targets:
+        t = f"{target:g}"
+        names = [n.split("/", 1)[1] for n in acc if n.startswith(f"{t}/")]
+        rows.append([f"**target {t}**", "", "", "", ""])
+        rows += [row(f"{t}/{n}", n) for n in names]
+        ours, dense = statistics.mean(acc[f"{t}/ours"]), statistics.mean(acc["dense"])
+        anchors = {n: statistics.mean(acc[f"{t}/{n}"]) for n in ("ModelPruning (LTH)", "ModelPruning", "one-shot + FT")}
+        best = max(anchors, key=lambda n: anchors[n])
+        mp_ratio = statistics.median(ratio[f"{t}/ModelPruning"])
+        our_ratio = statistics.median(ratio[f"{t}/ours"])
+        lines.append(
+            f"target {t}: ours {100 * ours:.2f}% vs best anchor {best} {100 * anchors[best]:.2f}% "
+            f"({'≥' if ours >= anchors[best] else '<'}); vs dense {100 * (ours - dense):+.2f} points; "
+            f"time ratio {our_ratio:.3f} vs ModelPruning {mp_ratio:.3f}"
+        )
+    return markdown(header, rows) + "\n\n" + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="cnn_small")
+    parser.add_argument("--data", default="mnist5k")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--ramp", type=float, default=0.6, help="fraction of the epochs over which sparsity ramps")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
+    args = parser.parse_args()
+    runs = [run_seed(args, seed) for seed in range(args.seeds)]
+    save("pruning_vs_modelpruning", {"args": {**vars(args), "out": str(args.out)}, "runs": runs}, args.out)
+    print(f"\n{args.model} on {args.data}, {args.epochs} epochs (E), {args.seeds} seeds\n")
+    print(report(runs, args))
+
+
+if __name__ == "__main__":
+    main()

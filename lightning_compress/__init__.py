@@ -1,0 +1,30 @@
+"""lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``."""
+
+from lightning_compress.callbacks import MagnitudePruning
+from lightning_compress.data import (
+    DigitsDataModule,
+    ImageFolderDataModule,
+    MNIST5kDataModule,
+    get_datamodule,
+)
+from lightning_compress.errors import CompressionConfigError
+from lightning_compress.measure import summarize
+from lightning_compress.models import build_model
+from lightning_compress.module import ClassificationModule
+from lightning_compress.pruning import fold_masks, prune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassificationModule",
+    "CompressionConfigError",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "MNIST5kDataModule",
+    "MagnitudePruning",
+    "build_model",
+    "fold_masks",
+    "get_datamodule",
+    "prune",
+    "summarize",
+]

@@ -1,0 +1,7 @@
+"""``python -m lightning_compress``: the same as the ``lightning-compress`` command."""
+
+import sys
+
+from lightning_compress.cli import main
+
+sys.exit(main())

@@ -1,0 +1,294 @@
+"""``MagnitudePruning``: gradual magnitude pruning inside an ordinary ``lightning.Trainer``.
+
+The callback only decides *when* to prune; the masks come from :mod:`lightning_compress.pruning`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_compress import pruning as core
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+from lightning_compress.schedules import SCHEDULES, SparsitySchedule
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPARSITY = 0.9
+UPDATES_PER_EPOCH = 10
+
+
+def _check_names(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise config_error(name, "a module-name pattern or a list of them (e.g. ['features.*'])", value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class MagnitudePruning(Callback):
+    """Prune Conv/Linear weights by magnitude on a schedule while the model trains.
+
+    Masks are boolean buffers on the pruned modules (``weight_mask``), so checkpoints hold them;
+    they are multiplied into the weights after every optimizer step (no forward hook, no wrapper,
+    no forward overhead). Figures logged (``pruning/*``) are counted from the weight tensors.
+
+    Args:
+        final_sparsity: fraction of the selected weights pruned at the end, in ``[0, 1)``. Defaults to
+            0.9, or to ``1 - N/M`` for an ``N:M`` pattern (which allows no other value).
+        start_epoch: when pruning starts; fractional epochs are allowed.
+        end_epoch: when ``final_sparsity`` is reached; default: three quarters of the way from
+            ``start_epoch`` to the end of training, leaving the rest to recover.
+        initial_sparsity: sparsity of the first pruning step, in ``[0, final_sparsity]``.
+        update_frequency: optimizer steps between mask updates; default about ten updates an epoch.
+        schedule: ``cubic`` (Zhu & Gupta 2017), ``linear`` or ``constant`` (the final sparsity from
+            the start: one-shot pruning at ``start_epoch``).
+        scope: ``global`` (one magnitude threshold across all selected layers) or ``layer``.
+        pattern: ``unstructured``, ``N:M`` (e.g. ``2:4``, along the input dimension) or ``channel``
+            (whole output channels ranked by ``norm``; the last selected layer, normally the
+            classifier, is left out unless ``include`` names it).
+        norm: channel score, ``l1`` or ``l2``.
+        include: module-name patterns (``fnmatch``) to prune; default every Conv and Linear layer.
+        exclude: module-name patterns to leave alone.
+        fold_on_fit_end: multiply the masks into the weights and drop them when ``fit`` ends (the
+            model's ``state_dict`` then loads into its original class); default keeps them for
+            further training and for checkpoints.
+        state_key_suffix: tells two instances apart in a checkpoint.
+
+    Raises:
+        CompressionConfigError: any argument out of range or of the wrong type (at construction);
+            no layer selected, or an explicitly included layer that cannot take an N:M pattern
+            (at setup).
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[MagnitudePruning(final_sparsity=0.9, end_epoch=6)])
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float | None = None,
+        start_epoch: float = 0.0,
+        end_epoch: float | None = None,
+        initial_sparsity: float = 0.0,
+        update_frequency: int | None = None,
+        schedule: str = "cubic",
+        scope: str = "global",
+        pattern: str = "unstructured",
+        norm: str = "l1",
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        fold_on_fit_end: bool = False,
+        state_key_suffix: str = "",
+    ) -> None:
+        self.pattern = core.Pattern.parse(pattern)
+        self.final_sparsity = self._check_final(final_sparsity)
+        if not _is_number(initial_sparsity) or not 0.0 <= initial_sparsity <= self.final_sparsity:
+            raise config_error("initial_sparsity", f"in [0, final_sparsity={self.final_sparsity}]", initial_sparsity)
+        if not _is_number(start_epoch) or start_epoch < 0:
+            raise config_error("start_epoch", "a number >= 0", start_epoch)
+        if end_epoch is not None and (not _is_number(end_epoch) or end_epoch < start_epoch):
+            raise config_error("end_epoch", f"a number >= start_epoch ({start_epoch}) or None", end_epoch)
+        if update_frequency is not None and (
+            not isinstance(update_frequency, int) or isinstance(update_frequency, bool) or update_frequency < 1
+        ):
+            raise config_error("update_frequency", "a positive number of optimizer steps or None", update_frequency)
+        if schedule not in SCHEDULES:
+            raise config_error("schedule", one_of(SCHEDULES), schedule, did_you_mean(str(schedule), SCHEDULES))
+        if scope not in core.SCOPES:
+            raise config_error("scope", one_of(core.SCOPES), scope, did_you_mean(str(scope), core.SCOPES))
+        if norm not in core.NORMS:
+            raise config_error("norm", one_of(core.NORMS), norm, did_you_mean(str(norm), core.NORMS))
+        if not isinstance(fold_on_fit_end, bool):
+            raise config_error("fold_on_fit_end", "True or False", fold_on_fit_end)
+        self.initial_sparsity = float(initial_sparsity)
+        self.start_epoch = float(start_epoch)
+        self.end_epoch = None if end_epoch is None else float(end_epoch)
+        self.update_frequency = update_frequency
+        self.schedule_name = schedule
+        self.scope = scope
+        self.norm = norm
+        self.include = _check_names("include", include)
+        self.exclude = _check_names("exclude", exclude)
+        self.fold_on_fit_end = fold_on_fit_end
+        self._state_key_suffix = state_key_suffix
+        # Run state: the schedule position is what a checkpoint keeps (the masks are model buffers).
+        self.last_update_step = -1
+        self.current_target = 0.0
+        self.schedule: SparsitySchedule | None = None
+        self._modules: dict[str, nn.Module] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def _check_final(self, final_sparsity: float | None) -> float:
+        implied = self.pattern.fixed_sparsity
+        if implied is not None:
+            if final_sparsity is not None and not math.isclose(final_sparsity, implied):
+                raise config_error(
+                    "final_sparsity", f"{implied} for pattern '{self.pattern}' (1 - N/M) or None", final_sparsity
+                )
+            return implied
+        if final_sparsity is None:
+            return DEFAULT_SPARSITY
+        if not _is_number(final_sparsity) or not 0.0 <= final_sparsity < 1.0:
+            raise config_error("final_sparsity", "in [0, 1)", final_sparsity)
+        return float(final_sparsity)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            final_sparsity=self.final_sparsity, pattern=str(self.pattern), suffix=self._state_key_suffix
+        )
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """The pruned modules of the current run, by qualified name (empty outside a run)."""
+        return dict(self._modules)
+
+    # -- set-up: select layers and give them masks before any checkpoint is restored --------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new run starts its schedule afresh; a resumed one loads its state after this
+            self.last_update_step, self.current_target = -1, 0.0
+        self._modules = self._select(pl_module)
+        core.attach_masks(self._modules, with_bias=self.pattern.kind == "channel")
+
+    def _select(self, pl_module: nn.Module) -> dict[str, nn.Module]:
+        modules = core.select_layers(pl_module, self.include, self.exclude)
+        if self.pattern.kind == "channel" and self.include is None and modules:
+            modules.pop(next(reversed(modules)))  # the classifier's outputs are the classes
+        if self.pattern.kind == "n:m":
+            for name, module in list(modules.items()):
+                reason = core.nm_incompatibility(module, self.pattern)
+                if reason is None:
+                    continue
+                if self.include is not None:
+                    raise core.incompatible_layer_error(name, self.pattern, reason)
+                log.info("MagnitudePruning leaves %r out of pattern %s: %s", name, self.pattern, reason)
+                del modules[name]
+        if not modules:
+            raise CompressionConfigError(
+                f"MagnitudePruning selected no layer of {type(pl_module).__name__} to prune with pattern "
+                f"'{self.pattern}' (include={self.include}, exclude={self.exclude}). HINT: prunable layers "
+                f"are {[n for n, _ in core.select_layers(pl_module).items()][:12]}"
+            )
+        return modules
+
+    # -- the schedule in optimizer steps ---------------------------------------------------------
+    def _build_schedule(self, trainer: pl.Trainer) -> SparsitySchedule:
+        batches = trainer.num_training_batches
+        if math.isinf(batches):
+            raise CompressionConfigError(
+                "MagnitudePruning converts epochs to optimizer steps and needs a train dataloader with a length"
+            )
+        steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        total = int(trainer.estimated_stepping_batches)
+        start = round(self.start_epoch * steps_per_epoch)
+        if self.end_epoch is None:
+            end = start + max(0, round(0.75 * (total - start)))
+        else:
+            end = round(self.end_epoch * steps_per_epoch)
+        if end == total:  # "by the end of training": the last optimizer step is total - 1
+            end = max(start, total - 1)
+        elif end > total:
+            rank_zero_warn(
+                f"MagnitudePruning: end_epoch={self.end_epoch} is past the end of training ({total} optimizer "
+                f"steps): the sparsity will not reach {self.final_sparsity}"
+            )
+        frequency = self.update_frequency or max(1, steps_per_epoch // UPDATES_PER_EPOCH)
+        return SparsitySchedule(self.initial_sparsity, self.final_sparsity, start, end, frequency, self.schedule_name)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule = self._build_schedule(trainer)
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        core.apply_masks(self._modules.values())
+
+    def _after_optimizer_step(self, *_: Any) -> None:
+        core.apply_masks(self._modules.values())
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.schedule is None or step == self.last_update_step or not self.schedule.is_update_step(step):
+            return
+        self.update_masks(self.schedule.target(step))
+        self.last_update_step = step
+        self._log(pl_module, on_step=True)
+
+    def update_masks(self, target: float) -> None:
+        """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
+        weights = {name: core.weight_of(m) for name, m in self._modules.items()}
+        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
+        core.set_masks(self._modules, masks)
+        core.apply_masks(self._modules.values())
+        self.current_target = target
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _log(self, pl_module: pl.LightningModule, on_step: bool, layers: bool = False) -> None:
+        figures = {
+            "pruning/sparsity": core.sparsity(self._modules),
+            "pruning/target": self.current_target,
+            "pruning/nonzero_params": float(sum(int(torch.count_nonzero(p)) for p in pl_module.parameters())),
+        }
+        if layers:
+            for name, value in core.layer_sparsity(self._modules).items():
+                figures[f"pruning/layer/{name}"] = value
+        pl_module.log_dict(figures, on_step=on_step, on_epoch=not on_step, batch_size=1)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(pl_module, on_step=False, layers=True)
+
+    # -- end of fit and checkpoint state ---------------------------------------------------------
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fold_on_fit_end:
+            core.fold_masks(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._modules = {}
+        self.schedule = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_update_step": self.last_update_step, "current_target": self.current_target}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_update_step = int(state_dict.get("last_update_step", -1))
+        self.current_target = float(state_dict.get("current_target", 0.0))
+
+
+def _broadcast_mask(mask: Tensor) -> Tensor:
+    """Rank zero's mask on every rank (gloo has no bool collectives: sent as uint8)."""
+    as_bytes = mask.to(torch.uint8)
+    dist.broadcast(as_bytes, src=0)
+    return as_bytes.bool()

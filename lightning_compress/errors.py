@@ -1,0 +1,46 @@
+"""The project's one error type and its message template."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from difflib import get_close_matches
+from typing import Any
+
+
+class CompressionConfigError(ValueError):
+    """A compression argument, recipe key or model does not fit what is allowed.
+
+    Every message names the argument (or module), what is allowed and what was given, and may
+    end with a ``HINT:`` when a likely fix exists.
+    """
+
+
+def config_error(name: str, allowed: str, got: Any, hint: str | None = None) -> CompressionConfigError:
+    """Build a :class:`CompressionConfigError` with the project's one message template.
+
+    Args:
+        name: the argument, key path or module the problem is about.
+        allowed: what is allowed, e.g. ``"in [0, 1)"`` or ``"one of 'cubic', 'linear'"``.
+        got: the value that was given.
+        hint: an optional likely fix.
+
+    Example::
+
+        >>> str(config_error("final_sparsity", "in [0, 1)", 1.2))
+        '`final_sparsity` must be in [0, 1), got 1.2'
+    """
+    message = f"`{name}` must be {allowed}, got {got!r}"
+    if hint:
+        message += f". HINT: {hint}"
+    return CompressionConfigError(message)
+
+
+def one_of(choices: Iterable[str]) -> str:
+    """Render a list of allowed names as ``one of 'a', 'b'``."""
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
+def did_you_mean(given: str, choices: Iterable[str]) -> str | None:
+    """Return a ``did you mean 'x'?`` hint for a misspelt name, or ``None``."""
+    close = get_close_matches(given, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None

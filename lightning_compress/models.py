@@ -1,0 +1,122 @@
+"""Models: a small CNN family for the embedded data and a torchvision factory.
+
+Every model takes ``num_classes`` and ``in_channels`` and works at any input size from 8x8 up
+(global pooling before the classifier). torchvision models are built without weights here;
+nothing is downloaded.
+
+Example::
+
+    >>> model = build_model("cnn_small", num_classes=10, in_channels=1)
+    >>> model(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.errors import config_error, did_you_mean, one_of
+
+
+def _block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    if pool:
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+    return layers
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU blocks (max-pooled), adaptive average pooling, then a two-layer classifier.
+
+    Args:
+        channels: output channels of each conv block.
+        hidden: width of the hidden classifier layer.
+        pooled: spatial size after the adaptive pooling.
+        num_classes: classifier outputs.
+        in_channels: input image channels.
+    """
+
+    def __init__(
+        self, channels: Sequence[int], hidden: int, pooled: int = 4, num_classes: int = 10, in_channels: int = 1
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for cout in channels:
+            layers += _block(cin, cout, pool=True)
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(pooled)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(cin * pooled * pooled, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+def cnn_tiny(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """About 10k parameters: 8 and 16 channels, a 32-unit classifier."""
+    return SmallCNN((8, 16), hidden=32, pooled=4, num_classes=num_classes, in_channels=in_channels)
+
+
+def cnn_small(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """About 150k parameters: 32 and 64 channels, a 128-unit classifier."""
+    return SmallCNN((32, 64), hidden=128, pooled=4, num_classes=num_classes, in_channels=in_channels)
+
+
+def cnn_wide(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """About 635k parameters: 64, 128 and 256 channels, a 256-unit classifier."""
+    return SmallCNN((64, 128, 256), hidden=256, pooled=2, num_classes=num_classes, in_channels=in_channels)
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
+    """Replace the first Conv2d so it takes ``in_channels`` (same kernel, stride, padding)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != in_channels:
+                    conv: Any = child  # torchvision's convs hold tuples where Conv2d's stubs want pairs
+                    new = nn.Conv2d(
+                        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, conv.bias is not None,
+                    )  # fmt: skip
+                    setattr(parent, child_name, new)
+                return model
+    return model
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def factory(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return _adapt_first_conv(model, in_channels)
+
+    factory.__doc__ = f"torchvision's ``{name}`` (no pretrained weights) with ``num_classes`` and ``in_channels``."
+    return factory
+
+
+TORCHVISION_MODELS = ("resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5")
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "cnn_tiny": cnn_tiny,
+    "cnn_small": cnn_small,
+    "cnn_wide": cnn_wide,
+    **{name: _torchvision(name) for name in TORCHVISION_MODELS},
+}
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name.
+
+    Raises:
+        CompressionConfigError: an unknown name; the message lists the known ones.
+    """
+    if name not in MODELS:
+        raise config_error("model", one_of(MODELS), name, did_you_mean(name, MODELS))
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)

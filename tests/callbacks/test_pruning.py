@@ -1,0 +1,263 @@
+import gc
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_compress import CompressionConfigError, MagnitudePruning
+from lightning_compress.pruning import masked_modules, select_layers, sparsity
+from lightning_compress.schedules import SparsitySchedule
+from tests.helpers import TinyModule, TinyNet, fit, loaders, trainer
+
+STEPS_PER_EPOCH = 8  # helpers.loaders(): 128 samples, batch 16
+
+
+class StepProbe(pl.Callback):
+    """After every optimizer step: are the masked weights zero? What target, what sparsity?"""
+
+    def __init__(self, pruning: MagnitudePruning) -> None:
+        self.pruning = pruning
+        self.violations = 0
+        self.trace: list[tuple[int, float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for module in self.pruning.modules.values():
+            self.violations += int((module.weight[~module.weight_mask] != 0).sum())
+        step = trainer.global_step - 1  # the step this batch trained
+        self.trace.append((step, self.pruning.current_target, sparsity(self.pruning.modules)))
+
+
+# -- construction: one test per message -----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"final_sparsity": 1.0}, r"`final_sparsity` must be in \[0, 1\), got 1.0"),
+        ({"final_sparsity": "0.9"}, r"`final_sparsity` must be in \[0, 1\), got '0.9'"),
+        ({"final_sparsity": 0.9, "pattern": "2:4"}, r"`final_sparsity` must be 0.5 for pattern '2:4' \(1 - N/M\)"),
+        ({"final_sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity` must be in \[0, final_sparsity=0.5\]"),
+        ({"start_epoch": -1}, "`start_epoch` must be a number >= 0, got -1"),
+        ({"start_epoch": 2, "end_epoch": 1}, r"`end_epoch` must be a number >= start_epoch \(2\) or None, got 1"),
+        ({"update_frequency": 0}, "`update_frequency` must be a positive number of optimizer steps or None, got 0"),
+        ({"update_frequency": 2.5}, "`update_frequency` must be a positive number of optimizer steps or None, got 2.5"),
+        ({"schedule": "cubik"}, "`schedule` must be one of 'cubic', 'linear', 'constant', got 'cubik'. HINT: did you"),
+        ({"scope": "globl"}, "`scope` must be one of 'global', 'layer', got 'globl'. HINT: did you mean 'global'"),
+        ({"pattern": "chanel"}, "`pattern` must be 'unstructured', 'channel' or 'N:M'.*HINT: did you mean 'channel'"),
+        ({"norm": "l0"}, "`norm` must be one of 'l1', 'l2', got 'l0'"),
+        ({"include": 3}, r"`include` must be a module-name pattern or a list of them .* got 3"),
+        ({"exclude": ["a", 1]}, r"`exclude` must be a module-name pattern or a list of them .* got \['a', 1\]"),
+        ({"fold_on_fit_end": "yes"}, "`fold_on_fit_end` must be True or False, got 'yes'"),
+    ],
+)
+def test_invalid_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(CompressionConfigError, match=message):
+        MagnitudePruning(**kwargs)
+
+
+def test_defaults():
+    assert MagnitudePruning().final_sparsity == 0.9
+    assert MagnitudePruning(pattern="1:4").final_sparsity == 0.75
+
+
+# -- fit-time preconditions ---------------------------------------------------------------------
+def test_nothing_selected_fails_before_training():
+    with pytest.raises(CompressionConfigError, match=r"selected no layer of TinyModule .* HINT: prunable layers"):
+        fit([MagnitudePruning(exclude="*")])
+
+
+def test_include_typo_names_the_nearest_layer():
+    with pytest.raises(CompressionConfigError, match=r"HINT: did you mean 'net.fc1'"):
+        fit([MagnitudePruning(include=["net.fc11"])])
+
+
+def test_nm_explicitly_included_incompatible_layer_is_an_error():
+    with pytest.raises(CompressionConfigError, match=r"module 'net.conv1' cannot take pattern '2:4'"):
+        fit([MagnitudePruning(pattern="2:4", include=["net.*"])])
+
+
+def test_nm_by_default_leaves_incompatible_layers_out():
+    _, module = fit([MagnitudePruning(pattern="2:4", end_epoch=1)], max_epochs=2)
+    assert set(masked_modules(module)) == {"net.conv2", "net.fc1", "net.fc2"}  # conv1 has 1 input channel
+
+
+# -- training -------------------------------------------------------------------------------------
+def test_reaches_the_target_exactly_and_weights_stay_zero_after_every_step():
+    pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=3)
+    probe = StepProbe(pruning)
+    _, module = fit([pruning, probe], max_epochs=3)
+    layers = select_layers(module)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.8 * total)
+    assert probe.violations == 0
+    schedule = SparsitySchedule(0.0, 0.8, 0, 2 * STEPS_PER_EPOCH, 3)
+    for step, target, measured in probe.trace:
+        last_update = max(t for t in range(step + 1) if schedule.is_update_step(t))
+        assert target == pytest.approx(schedule.target(last_update))
+        assert measured == pytest.approx(target, abs=2 / total)
+
+
+def test_gradient_accumulation_and_adam_keep_zeros():
+    pruning = MagnitudePruning(final_sparsity=0.7, end_epoch=1)
+    probe = StepProbe(pruning)
+    fit([pruning, probe], module=TinyModule(lr=0.01, optimizer="adam"), max_epochs=2, accumulate_grad_batches=2)
+    assert probe.violations == 0
+    assert probe.trace[-1][2] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_no_forward_hooks_and_keyword_forward_still_works():
+    pruning = MagnitudePruning(final_sparsity=0.5, end_epoch=1)
+    _, module = fit([pruning], max_epochs=1)
+    for layer in select_layers(module).values():
+        assert not layer._forward_pre_hooks and not layer._forward_hooks
+        assert type(layer).forward is layer.forward.__func__
+    assert module(torch.zeros(1, 1, 8, 8), scale=2.0).shape == (1, 4)
+
+
+def test_fractional_start_and_constant_schedule_is_one_shot():
+    pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0.5, end_epoch=0.5, schedule="constant")
+    probe = StepProbe(pruning)
+    fit([pruning, probe], max_epochs=1)
+    targets = {step: target for step, target, _ in probe.trace}
+    assert targets[STEPS_PER_EPOCH // 2 - 1] == 0.0 and targets[STEPS_PER_EPOCH // 2] == pytest.approx(0.6)
+
+
+def test_layer_scope_and_linear_schedule():
+    pruning = MagnitudePruning(final_sparsity=0.5, scope="layer", schedule="linear", end_epoch=1)
+    _, module = fit([pruning], max_epochs=1)
+    for layer in select_layers(module).values():
+        assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_channel_pattern_zeros_whole_filters_and_spares_the_classifier():
+    pruning = MagnitudePruning(final_sparsity=0.5, pattern="channel", scope="layer", end_epoch=1)
+    _, module = fit([pruning], max_epochs=2)
+    conv = module.net.conv2
+    zero_filters = (conv.weight.flatten(1) == 0).all(1)
+    assert int(zero_filters.sum()) == 4
+    assert (conv.bias[zero_filters] == 0).all()
+    assert not hasattr(module.net.fc2, "weight_mask") and int((module.net.fc2.weight == 0).sum()) == 0
+
+
+def test_nm_pattern_holds_after_training():
+    pruning = MagnitudePruning(pattern="2:4", end_epoch=1)
+    _, module = fit([pruning], max_epochs=2)
+    groups = module.net.conv2.weight.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert ((groups != 0).sum(1) <= 2).all()
+    assert module.net.conv1.weight.count_nonzero() == module.net.conv1.weight.numel()
+
+
+def test_logs_figures_counted_from_the_tensors(tmp_path):
+    pruning = MagnitudePruning(final_sparsity=0.75, end_epoch=1)
+    logger = CSVLogger(tmp_path, name="run")
+    _, module = fit([pruning], max_epochs=2, logger=logger, log_every_n_steps=1)
+    metrics = {k: float(v) for k, v in pruning_metrics(logger).items()}
+    layers = select_layers(module)
+    assert metrics["pruning/sparsity"] == pytest.approx(sparsity(layers), abs=1e-6)
+    assert metrics["pruning/target"] == pytest.approx(0.75)
+    assert metrics["pruning/nonzero_params"] == sum(int(p.count_nonzero()) for p in module.parameters())
+    assert metrics["pruning/layer/net.fc1"] == pytest.approx(float((module.net.fc1.weight == 0).float().mean()))
+
+
+def pruning_metrics(logger: CSVLogger) -> dict[str, str]:
+    """The last logged value of every ``pruning/*`` column in the CSV logger's file."""
+    import csv
+
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    last: dict[str, str] = {}
+    for row in rows:
+        last.update({k: v for k, v in row.items() if k.startswith("pruning/") and v not in ("", None)})
+    return last
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def test_resume_mid_ramp_ends_with_the_masks_of_an_uninterrupted_run(tmp_path):
+    def run(ckpt_path=None, max_epochs=4, subdir="a"):
+        pruning = MagnitudePruning(final_sparsity=0.85, end_epoch=3, update_frequency=2)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / subdir, save_top_k=-1, every_n_epochs=1)
+        _, module = fit([pruning, checkpoint], max_epochs=max_epochs, ckpt_path=ckpt_path, enable_checkpointing=True)
+        return module, pruning
+
+    full, _ = run()
+    mid = tmp_path / "a" / "epoch=1-step=16.ckpt"  # after 2 of the 3 ramp epochs
+    assert "net.fc1.weight_mask" in torch.load(mid, weights_only=True)["state_dict"]
+    resumed, pruning = run(ckpt_path=mid, subdir="b")
+    assert pruning.current_target == pytest.approx(0.85)
+    for name, layer in masked_modules(full).items():
+        assert torch.equal(layer.weight_mask, masked_modules(resumed)[name].weight_mask), name
+        assert torch.equal(layer.weight, masked_modules(resumed)[name].weight), name
+
+
+def test_test_from_a_pruned_checkpoint_into_a_fresh_module(tmp_path):
+    pruning = MagnitudePruning(final_sparsity=0.6, end_epoch=1, fold_on_fit_end=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    t, module = fit([pruning, checkpoint], max_epochs=2, enable_checkpointing=True)
+    assert masked_modules(module) == {}  # folded
+    assert t.test(module, loaders()[1], ckpt_path="best", verbose=False)[0]["val/acc"] >= 0
+    fresh = trainer(callbacks=[MagnitudePruning(final_sparsity=0.6)])
+    result = fresh.test(TinyModule(), loaders()[1], ckpt_path=checkpoint.best_model_path, verbose=False)
+    assert result[0]["val/acc"] == pytest.approx(float(checkpoint.best_model_score), abs=1e-6)
+
+
+def test_fold_on_fit_end_gives_a_plain_state_dict():
+    _, module = fit([MagnitudePruning(final_sparsity=0.7, end_epoch=1, fold_on_fit_end=True)], max_epochs=1)
+    fresh = TinyNet()
+    fresh.load_state_dict(module.net.state_dict())  # strict
+    assert sparsity(select_layers(fresh)) == pytest.approx(0.7, abs=1e-3)
+
+
+def test_kept_masks_by_default_and_callback_state():
+    pruning = MagnitudePruning(final_sparsity=0.7, end_epoch=1)
+    _, module = fit([pruning], max_epochs=2)
+    assert set(masked_modules(module)) == {"net.conv1", "net.conv2", "net.fc1", "net.fc2"}
+    state = pruning.state_dict()
+    assert state["current_target"] == pytest.approx(0.7) and state["last_update_step"] == STEPS_PER_EPOCH
+    other = MagnitudePruning(final_sparsity=0.7)
+    other.load_state_dict({})  # old checkpoints without the keys still load
+    assert other.last_update_step == -1
+
+
+def test_two_instances_have_distinct_state_keys():
+    a = MagnitudePruning(final_sparsity=0.5, include=["net.conv*"])
+    b = MagnitudePruning(pattern="2:4", include=["net.fc*"])
+    assert a.state_key != b.state_key
+    fit([a, b], max_epochs=1)
+
+
+# -- reuse and distributed ----------------------------------------------------------------------------
+def test_reusing_the_callback_keeps_no_reference_to_old_models():
+    pruning = MagnitudePruning(final_sparsity=0.5, end_epoch=1)
+    _, first = fit([pruning], max_epochs=1)
+    ref = weakref.ref(first)
+    del first
+    for seed in range(1, 3):
+        _, module = fit([pruning], max_epochs=1, seed=seed)
+        assert sparsity(select_layers(module)) == pytest.approx(0.5, abs=1e-3)
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_hold_identical_masks_at_every_update(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "ddp_prune.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(rank0["history"]) >= 8 and rank0["history"].keys() == rank1["history"].keys()
+    for step, masks in rank0["history"].items():
+        for name, mask in masks.items():
+            assert torch.equal(mask, rank1["history"][step][name]), (step, name)
+    for key, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][key]), key
+    final = rank0["history"][max(rank0["history"])]
+    kept = sum(int(m.sum()) for m in final.values())
+    assert 1 - kept / sum(m.numel() for m in final.values()) == pytest.approx(0.8, abs=1e-3)

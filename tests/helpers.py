@@ -1,0 +1,116 @@
+"""The one tiny-model training helper every test shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress.data import EpochSeededSampler
+
+
+class TinyNet(nn.Module):
+    """Conv(1->8) -> Conv(8->8) -> Linear(8*4*4 -> 16) -> Linear(16 -> 4): every prunable kind."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1)))) * scale
+
+
+class TinyModule(pl.LightningModule):
+    """A user-written LightningModule around :class:`TinyNet` (keyword-argument forward included)."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = TinyNet()
+
+    def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
+        return self.net(x, scale=scale)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x, scale=1.0), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def synthetic(n: int = 128, seed: int = 0, classes: int = 4) -> TensorDataset:
+    """Learnable 8x8 images: the class sets which quadrant is bright."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
+    for i, label in enumerate(y.tolist()):
+        r, c = divmod(label, 2)
+        x[i, 0, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4] += 1.0
+    return TensorDataset(x, y)
+
+
+def loaders(n: int = 128, batch_size: int = 16, seed: int = 0) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """(train, val) loaders over :func:`synthetic` data; the train order depends on seed and epoch only."""
+    train = synthetic(n, seed)
+    return (
+        DataLoader(train, batch_size=batch_size, sampler=EpochSeededSampler(train, seed)),
+        DataLoader(synthetic(64, seed + 1), batch_size=32),
+    )
+
+
+def trainer(tmp_path: Any = None, **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU Trainer; ``kwargs`` override the defaults."""
+    options: dict[str, Any] = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
+    }
+    if tmp_path is not None:
+        options["default_root_dir"] = str(tmp_path)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def fit(
+    callbacks: list[pl.Callback], module: pl.LightningModule | None = None, seed: int = 0, **kwargs: Any
+) -> tuple[pl.Trainer, pl.LightningModule]:
+    """Seed, build a :class:`TinyModule` (unless given) and fit it with ``callbacks``."""
+    pl.seed_everything(seed, verbose=False)
+    module = module or TinyModule()
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    train, val = loaders(seed=seed)
+    t = trainer(callbacks=callbacks, **kwargs)
+    t.fit(module, train, val, ckpt_path=ckpt_path)
+    return t, module
+
+
+def weights(module: nn.Module) -> dict[str, Tensor]:
+    """Every Conv/Linear weight by module name (detached copies)."""
+    return {n: m.weight.detach().clone() for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}

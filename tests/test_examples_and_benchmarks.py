@@ -1,0 +1,44 @@
+"""The example and the benchmark scripts run (tiny settings); their figures are sane, not timed."""
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prune_your_model_example():
+    example = runpy.run_path(str(ROOT / "examples" / "prune_your_model.py"), run_name="example")
+    figures = example["main"](["--epochs", "2", "--sparsity", "0.8"])
+    assert figures["nonzero"] < 0.3 * figures["params"]
+    assert figures["val_acc"] > 0.5
+
+
+@pytest.mark.slow
+def test_pruning_benchmark_smoke(tmp_path):
+    args = [
+        "--model",
+        "cnn_tiny",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--targets",
+        "0.5",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pruning_vs_modelpruning.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| ours |" in done.stdout and "| ModelPruning (LTH) |" in done.stdout
+    saved = json.loads((tmp_path / "pruning_vs_modelpruning.json").read_text())
+    assert saved["runs"][0]["0.5/ours"]["sparsity"] > 0.49
