@@ -261,9 +261,8 @@ def set_masks(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> 
             weight_mask.copy_(mask)
 
 
-@torch.no_grad()
-def apply_masks(modules: Iterable[nn.Module]) -> None:
-    """Zero every masked weight (and bias) in place; one fused multiply for all layers."""
+def mask_pairs(modules: Iterable[nn.Module]) -> tuple[list[Tensor], list[Tensor]]:
+    """The (parameters, masks) to multiply, for :func:`apply_masks`; valid while the modules keep them."""
     tensors: list[Tensor] = []
     masks: list[Tensor] = []
     for module in modules:
@@ -272,6 +271,18 @@ def apply_masks(modules: Iterable[nn.Module]) -> None:
             if mask is not None:
                 tensors.append(getattr(module, param_name))
                 masks.append(mask)
+    return tensors, masks
+
+
+@torch.no_grad()
+def apply_masks(modules: Iterable[nn.Module] | tuple[list[Tensor], list[Tensor]]) -> None:
+    """Zero every masked weight (and bias) in place, with one fused multiply for all layers.
+
+    Args:
+        modules: the masked modules, or the pairs :func:`mask_pairs` returned for them (cheaper
+            on a hot path: masks are updated in place, so the pairs stay valid).
+    """
+    tensors, masks = modules if isinstance(modules, tuple) else mask_pairs(modules)
     if tensors:
         torch._foreach_mul_(tensors, masks)
 

@@ -5,7 +5,6 @@ The callback only decides *when* to prune; the masks come from :mod:`lightning_c
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -22,8 +21,6 @@ from typing_extensions import override
 from lightning_compress import pruning as core
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SPARSITY = 0.9
 UPDATES_PER_EPOCH = 10
@@ -135,6 +132,7 @@ class MagnitudePruning(Callback):
         self.current_target = 0.0
         self.schedule: SparsitySchedule | None = None
         self._modules: dict[str, nn.Module] = {}
+        self._pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._handles: list[RemovableHandle] = []
 
     def _check_final(self, final_sparsity: float | None) -> float:
@@ -182,7 +180,7 @@ class MagnitudePruning(Callback):
                     continue
                 if self.include is not None:
                     raise core.incompatible_layer_error(name, self.pattern, reason)
-                log.info("MagnitudePruning leaves %r out of pattern %s: %s", name, self.pattern, reason)
+                rank_zero_info(f"MagnitudePruning leaves {name!r} out of pattern {self.pattern}: {reason}")
                 del modules[name]
         if not modules:
             raise CompressionConfigError(
@@ -221,10 +219,11 @@ class MagnitudePruning(Callback):
         self.schedule = self._build_schedule(trainer)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        core.apply_masks(self._modules.values())
+        self._pairs = core.mask_pairs(self._modules.values())
+        core.apply_masks(self._pairs)
 
     def _after_optimizer_step(self, *_: Any) -> None:
-        core.apply_masks(self._modules.values())
+        core.apply_masks(self._pairs)
 
     @override
     def on_train_batch_start(
@@ -275,6 +274,7 @@ class MagnitudePruning(Callback):
             handle.remove()
         self._handles.clear()
         self._modules = {}
+        self._pairs = ([], [])
         self.schedule = None
 
     @override
