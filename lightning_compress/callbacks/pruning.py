@@ -23,7 +23,7 @@ from lightning_compress.errors import CompressionConfigError, config_error, did_
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 
 DEFAULT_SPARSITY = 0.9
-UPDATES_PER_EPOCH = 10
+UPDATES_PER_EPOCH = 4
 
 
 def _check_names(name: str, value: Any) -> list[str] | None:
@@ -54,7 +54,7 @@ class MagnitudePruning(Callback):
         end_epoch: when ``final_sparsity`` is reached; default: three quarters of the way from
             ``start_epoch`` to the end of training, leaving the rest to recover.
         initial_sparsity: sparsity of the first pruning step, in ``[0, final_sparsity]``.
-        update_frequency: optimizer steps between mask updates; default about ten updates an epoch.
+        update_frequency: optimizer steps between mask updates; default four updates an epoch.
         schedule: ``cubic`` (Zhu & Gupta 2017), ``linear`` or ``constant`` (the final sparsity from
             the start: one-shot pruning at ``start_epoch``).
         scope: ``global`` (one magnitude threshold across all selected layers) or ``layer``.
