@@ -1,6 +1,6 @@
 """lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``."""
 
-from lightning_compress.callbacks import MagnitudePruning
+from lightning_compress.callbacks import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.data import (
     DigitsDataModule,
     ImageFolderDataModule,
@@ -8,6 +8,7 @@ from lightning_compress.data import (
     get_datamodule,
 )
 from lightning_compress.errors import CompressionConfigError
+from lightning_compress.export import export_onnx
 from lightning_compress.measure import summarize
 from lightning_compress.models import build_model
 from lightning_compress.module import ClassificationModule
@@ -22,7 +23,9 @@ __all__ = [
     "ImageFolderDataModule",
     "MNIST5kDataModule",
     "MagnitudePruning",
+    "QuantizationAwareTraining",
     "build_model",
+    "export_onnx",
     "fold_masks",
     "get_datamodule",
     "prune",

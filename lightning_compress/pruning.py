@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
@@ -68,7 +69,10 @@ class Pattern:
 
 
 def weight_of(module: nn.Module) -> Tensor:
-    """The ``weight`` tensor of a Conv/Linear module (typed for mypy)."""
+    """The ``weight`` parameter of a Conv/Linear module: the stored one, also under a parametrization
+    (e.g. fake quantisation), where ``module.weight`` is computed from it."""
+    if parametrize.is_parametrized(module, "weight"):
+        return cast(Tensor, module.parametrizations.weight.original)  # type: ignore[union-attr]
     return cast(Tensor, module.weight)
 
 
@@ -269,7 +273,7 @@ def mask_pairs(modules: Iterable[nn.Module]) -> tuple[list[Tensor], list[Tensor]
         for param_name, buffer in (("weight", WEIGHT_MASK), ("bias", BIAS_MASK)):
             mask = getattr(module, buffer, None)
             if mask is not None:
-                tensors.append(getattr(module, param_name))
+                tensors.append(weight_of(module) if param_name == "weight" else getattr(module, param_name))
                 masks.append(mask)
     return tensors, masks
 
@@ -293,19 +297,24 @@ def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def fold_masks(model: nn.Module) -> nn.Module:
+def fold_masks(model: nn.Module | Iterable[nn.Module]) -> nn.Module | None:
     """Multiply the masks into the weights and remove the mask buffers and hooks, in place.
+
+    Args:
+        model: a model (every masked submodule is folded; it is returned) or an iterable of
+            masked modules (folded; returns ``None``).
 
     The model's ``state_dict`` then loads into a fresh instance of its original class.
     """
-    for module in masked_modules(model).values():
+    modules = masked_modules(model).values() if isinstance(model, nn.Module) else list(model)
+    for module in modules:
         apply_masks([module])
         for buffer in (WEIGHT_MASK, BIAS_MASK):
             module._buffers.pop(buffer, None)
         hooks = module._load_state_dict_pre_hooks
         for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _fill_missing_masks]:
             del hooks[key]
-    return model
+    return model if isinstance(model, nn.Module) else None
 
 
 def sparsity(modules: Mapping[str, nn.Module]) -> float:

@@ -1,5 +1,6 @@
 """Thin Lightning callbacks, one per technique, built on the functional cores."""
 
 from lightning_compress.callbacks.pruning import MagnitudePruning
+from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 
-__all__ = ["MagnitudePruning"]
+__all__ = ["MagnitudePruning", "QuantizationAwareTraining"]

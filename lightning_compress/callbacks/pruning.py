@@ -19,25 +19,12 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress import pruning as core
+from lightning_compress.callbacks.common import check_names, distributed, is_number
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 
 DEFAULT_SPARSITY = 0.9
 UPDATES_PER_EPOCH = 4
-
-
-def _check_names(name: str, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise config_error(name, "a module-name pattern or a list of them (e.g. ['features.*'])", value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class MagnitudePruning(Callback):
@@ -98,11 +85,11 @@ class MagnitudePruning(Callback):
     ) -> None:
         self.pattern = core.Pattern.parse(pattern)
         self.final_sparsity = self._check_final(final_sparsity)
-        if not _is_number(initial_sparsity) or not 0.0 <= initial_sparsity <= self.final_sparsity:
+        if not is_number(initial_sparsity) or not 0.0 <= initial_sparsity <= self.final_sparsity:
             raise config_error("initial_sparsity", f"in [0, final_sparsity={self.final_sparsity}]", initial_sparsity)
-        if not _is_number(start_epoch) or start_epoch < 0:
+        if not is_number(start_epoch) or start_epoch < 0:
             raise config_error("start_epoch", "a number >= 0", start_epoch)
-        if end_epoch is not None and (not _is_number(end_epoch) or end_epoch < start_epoch):
+        if end_epoch is not None and (not is_number(end_epoch) or end_epoch < start_epoch):
             raise config_error("end_epoch", f"a number >= start_epoch ({start_epoch}) or None", end_epoch)
         if update_frequency is not None and (
             not isinstance(update_frequency, int) or isinstance(update_frequency, bool) or update_frequency < 1
@@ -123,8 +110,8 @@ class MagnitudePruning(Callback):
         self.schedule_name = schedule
         self.scope = scope
         self.norm = norm
-        self.include = _check_names("include", include)
-        self.exclude = _check_names("exclude", exclude)
+        self.include = check_names("include", include)
+        self.exclude = check_names("exclude", exclude)
         self.fold_on_fit_end = fold_on_fit_end
         self._state_key_suffix = state_key_suffix
         # Run state: the schedule position is what a checkpoint keeps (the masks are model buffers).
@@ -133,6 +120,7 @@ class MagnitudePruning(Callback):
         self.schedule: SparsitySchedule | None = None
         self._modules: dict[str, nn.Module] = {}
         self._pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._added: list[nn.Module] = []
         self._handles: list[RemovableHandle] = []
 
     def _check_final(self, final_sparsity: float | None) -> float:
@@ -145,7 +133,7 @@ class MagnitudePruning(Callback):
             return implied
         if final_sparsity is None:
             return DEFAULT_SPARSITY
-        if not _is_number(final_sparsity) or not 0.0 <= final_sparsity < 1.0:
+        if not is_number(final_sparsity) or not 0.0 <= final_sparsity < 1.0:
             raise config_error("final_sparsity", "in [0, 1)", final_sparsity)
         return float(final_sparsity)
 
@@ -167,6 +155,9 @@ class MagnitudePruning(Callback):
         if stage == "fit":  # a new run starts its schedule afresh; a resumed one loads its state after this
             self.last_update_step, self.current_target = -1, 0.0
         self._modules = self._select(pl_module)
+        # Outside fit, masks are attached only so that a pruned checkpoint can load; teardown
+        # removes the ones added here, so validate/test leave the model's structure as it was.
+        self._added = [] if stage == "fit" else [m for m in self._modules.values() if not hasattr(m, core.WEIGHT_MASK)]
         core.attach_masks(self._modules, with_bias=self.pattern.kind == "channel")
 
     def _select(self, pl_module: nn.Module) -> dict[str, nn.Module]:
@@ -198,17 +189,19 @@ class MagnitudePruning(Callback):
                 "MagnitudePruning converts epochs to optimizer steps and needs a train dataloader with a length"
             )
         steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-        total = int(trainer.estimated_stepping_batches)
         start = round(self.start_epoch * steps_per_epoch)
-        if self.end_epoch is None:
-            end = start + max(0, round(0.75 * (total - start)))
-        else:
+        total = float(trainer.estimated_stepping_batches)  # inf without max_epochs and max_steps
+        if self.end_epoch is not None:
             end = round(self.end_epoch * steps_per_epoch)
+        elif math.isinf(total):
+            raise config_error("end_epoch", "set when the Trainer has neither max_epochs nor max_steps", None)
+        else:
+            end = start + max(0, round(0.75 * (total - start)))
         if end == total:  # "by the end of training": the last optimizer step is total - 1
-            end = max(start, total - 1)
+            end = max(start, end - 1)
         elif end > total:
             rank_zero_warn(
-                f"MagnitudePruning: end_epoch={self.end_epoch} is past the end of training ({total} optimizer "
+                f"MagnitudePruning: end_epoch={self.end_epoch} is past the end of training ({total:.0f} optimizer "
                 f"steps): the sparsity will not reach {self.final_sparsity}"
             )
         frequency = self.update_frequency or max(1, steps_per_epoch // UPDATES_PER_EPOCH)
@@ -240,7 +233,7 @@ class MagnitudePruning(Callback):
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
         weights = {name: core.weight_of(m) for name, m in self._modules.items()}
         masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed():
             masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
         core.set_masks(self._modules, masks)
         core.apply_masks(self._modules.values())
@@ -273,6 +266,8 @@ class MagnitudePruning(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        core.fold_masks(self._added)
+        self._added = []
         self._modules = {}
         self._pairs = ([], [])
         self.schedule = None

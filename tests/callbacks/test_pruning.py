@@ -212,6 +212,24 @@ def test_fold_on_fit_end_gives_a_plain_state_dict():
     assert sparsity(select_layers(fresh)) == pytest.approx(0.7, abs=1e-3)
 
 
+def test_validate_after_folding_adds_no_masks_back():
+    pruning = MagnitudePruning(final_sparsity=0.5, end_epoch=1, fold_on_fit_end=True)
+    t, module = fit([pruning], max_epochs=1)
+    t.validate(module, loaders()[1], verbose=False)
+    assert masked_modules(module) == {}
+    TinyNet().load_state_dict(module.net.state_dict())
+
+
+def test_end_epoch_past_the_end_warns():
+    with pytest.warns(UserWarning, match=r"end_epoch=5.0 is past the end of training \(8 optimizer steps\)"):
+        fit([MagnitudePruning(final_sparsity=0.5, end_epoch=5)], max_epochs=1)
+
+
+def test_endless_training_needs_an_end_epoch():
+    with pytest.raises(CompressionConfigError, match="`end_epoch` must be set when the Trainer has neither"):
+        fit([MagnitudePruning(final_sparsity=0.5)], max_epochs=-1, max_steps=-1)
+
+
 def test_kept_masks_by_default_and_callback_state():
     pruning = MagnitudePruning(final_sparsity=0.7, end_epoch=1)
     _, module = fit([pruning], max_epochs=2)

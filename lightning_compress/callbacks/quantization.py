@@ -1,0 +1,188 @@
+"""``QuantizationAwareTraining``: fake-quant training inside an ordinary ``lightning.Trainer``.
+
+The callback only decides *when*; the fake quantisation comes from :mod:`lightning_compress.quantization`
+and the int8 file from :func:`lightning_compress.export_onnx`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_compress import quantization as core
+from lightning_compress.callbacks.common import batch_input, check_epoch, check_names
+from lightning_compress.errors import config_error
+
+
+class QuantizationAwareTraining(Callback):
+    """Fake-quantise Conv/Linear weights and activations from ``start_epoch`` on.
+
+    Weights: symmetric, per output channel (or per tensor), 2–8 bits, BatchNorm folded in
+    (Jacob et al. 2018). Activations: the input and output of every quantised layer, per tensor,
+    affine, 8 bits, ranges from a min/max or moving-average observer. Straight-through gradients.
+    Nothing replaces ``forward``: weights are parametrized, activations quantised by module hooks.
+    Everything is attached (disabled) at setup so checkpoints have the same keys in every phase;
+    Conv→BatchNorm pairs are found on the first batch by matching tensors, not by tracing code.
+
+    Args:
+        start_epoch: first epoch trained with fake quantisation (QAT as the last phase is common).
+        weight_bits: 2–8.
+        activation_bits: 8.
+        per_channel: one weight scale per output channel.
+        observer: ``ema`` (moving average of batch min/max) or ``minmax``.
+        freeze_observers_epoch: from this epoch on, activation ranges stop changing.
+        freeze_bn_epoch: from this epoch on, folded BatchNorms use their running statistics.
+        fold_bn: fold Conv→BatchNorm pairs into the quantised weights.
+        include: module-name patterns to quantise; default every Conv and Linear layer.
+        exclude: module-name patterns to keep in float.
+        state_key_suffix: tells two instances apart in a checkpoint.
+
+    Raises:
+        CompressionConfigError: an argument out of range or of the wrong type (at construction);
+            no layer to quantise (at setup).
+
+    Example::
+
+        qat = QuantizationAwareTraining(start_epoch=6, freeze_bn_epoch=8, freeze_observers_epoch=9)
+        Trainer(max_epochs=10, callbacks=[MagnitudePruning(0.8, end_epoch=5), qat]).fit(model, data)
+        export_onnx(model, example, "model.int8.onnx", int8=True)
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        per_channel: bool = True,
+        observer: str = "ema",
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
+        fold_bn: bool = True,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        state_key_suffix: str = "",
+    ) -> None:
+        self.config = core.QuantConfig(weight_bits, activation_bits, per_channel, observer, fold_bn=fold_bn)
+        self.start_epoch: int = _epoch("start_epoch", start_epoch, optional=False) or 0
+        self.freeze_observers_epoch = _epoch("freeze_observers_epoch", freeze_observers_epoch)
+        self.freeze_bn_epoch = _epoch("freeze_bn_epoch", freeze_bn_epoch)
+        for name, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
+            if value is not None and value < start_epoch:
+                raise config_error(name, f">= start_epoch ({start_epoch}) or None", value)
+        self.include = check_names("include", include)
+        self.exclude = check_names("exclude", exclude)
+        self._state_key_suffix = state_key_suffix
+        self._linked = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(bits=self.config.weight_bits, suffix=self._state_key_suffix)
+
+    def _phase(self, epoch: int) -> dict[str, bool]:
+        def reached(at: int | None) -> bool:
+            return at is not None and epoch >= at
+
+        return {
+            "enabled": epoch >= self.start_epoch,
+            "observers_frozen": reached(self.freeze_observers_epoch),
+            "bn_frozen": reached(self.freeze_bn_epoch),
+        }
+
+    # -- attach before any checkpoint is restored; fold BatchNorms once a real batch is at hand ----
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        core.attach(pl_module, self.config, self.include, self.exclude)
+        self._linked = False
+
+    def _link(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        if self._linked:
+            return
+        self._linked = True
+        if self.config.fold_bn:
+            example = batch_input(batch)[:2]
+            layers = core.quantized_layers(pl_module)
+            linked = core.link_batchnorms(pl_module, core.find_bn_pairs(pl_module, layers, example))
+            rank_zero_info(f"QuantizationAwareTraining: {len(layers)} layers, {linked} BatchNorms folded")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._link(pl_module, batch)
+        if self._phase(trainer.current_epoch)["bn_frozen"]:
+            core.freeze_bn(pl_module)  # Lightning puts the model back in train mode every epoch
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._link(pl_module, batch)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._link(pl_module, batch)
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._link(pl_module, batch)
+
+    # -- phases ------------------------------------------------------------------------------------
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        phase = self._phase(trainer.current_epoch)
+        core.enable(pl_module, phase["enabled"])
+        core.freeze_observers(pl_module, phase["observers_frozen"])
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        phase = self._phase(trainer.current_epoch)
+        if phase["enabled"] and not phase["observers_frozen"]:
+            core.sync_observers(pl_module)  # every rank ends each step with the same ranges
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        phase = self._phase(trainer.current_epoch)
+        widths = [high - low for low, high in core.observer_ranges(pl_module).values() if high >= low]
+        figures = {
+            "qat/enabled": float(phase["enabled"]),
+            "qat/weight_bits": float(self.config.weight_bits),
+            "qat/activation_bits": float(self.config.activation_bits),
+            "qat/observers_frozen": float(phase["observers_frozen"]),
+            "qat/bn_frozen": float(phase["bn_frozen"]),
+            "qat/quantized_layers": float(len(core.quantized_layers(pl_module))),
+        }
+        if widths:
+            figures["qat/range_mean"] = sum(widths) / len(widths)
+            figures["qat/range_max"] = max(widths)
+        pl_module.log_dict(figures, on_step=False, on_epoch=True, batch_size=1)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "start_epoch": self.start_epoch}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config")
+        if saved is not None and core.QuantConfig.from_dict(saved) != self.config:
+            rank_zero_info(
+                "QuantizationAwareTraining: the checkpoint was written with other settings; using the new ones"
+            )
+
+
+def _epoch(name: str, value: Any, optional: bool = True) -> int | None:
+    checked = check_epoch(name, value, optional)
+    if checked is not None and checked != int(checked):
+        raise config_error(name, "a whole epoch number" + (" or None" if optional else ""), value)
+    return None if checked is None else int(checked)

@@ -1,0 +1,275 @@
+"""ONNX export: fp32, and int8 QDQ from QAT state that ONNX Runtime runs with integer kernels.
+
+The int8 path builds an inference copy of the model (BatchNorms folded into the quantised
+Conv weights, fake quantisation with constant scales), exports it with ``torch.onnx.export``, then
+rewrites the graph so that the file stores what a runtime needs and no more:
+
+- every ``QuantizeLinear`` of a constant weight becomes an int8 initializer read by its
+  ``DequantizeLinear`` (the float weight is dropped: the file is about a quarter of fp32);
+- every float bias of a Conv/Gemm between quantised input and weight becomes int32 with scale
+  ``input_scale * weight_scale`` behind a ``DequantizeLinear``, the form ONNX Runtime's QDQ
+  fusion needs to run ``QLinearConv``/``QGemm``.
+
+Files are written atomically (a temporary name, then a rename).
+
+Example::
+
+    export_onnx(model, torch.zeros(1, 1, 28, 28), "model.int8.onnx", int8=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_compress import quantization as q
+from lightning_compress.errors import CompressionConfigError
+from lightning_compress.pruning import fold_masks, weight_of
+
+OPSET = 18
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def _fold_bn_into(layer: nn.Module, bn: nn.Module, weight: Tensor) -> tuple[Tensor, Tensor]:
+    factor = q.bn_fold_factor(bn)
+    mean, beta = cast(Tensor, bn.running_mean), bn.bias
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
+    folded_bias = (cast(Tensor, bias) - mean) * factor + (cast(Tensor, beta) if beta is not None else 0.0)
+    return weight * factor.reshape(-1, *([1] * (weight.dim() - 1))), folded_bias
+
+
+@torch.no_grad()
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` ready to export as int8 QDQ.
+
+    Masks are folded into the weights, folded BatchNorms become ``Identity`` (their effect moves
+    into the Conv weight and bias), weights are snapped to their quantisation grid with constant
+    scales, and activation fake quantisation uses the observers' constant ranges.
+
+    Raises:
+        CompressionConfigError: the model has no enabled fake quantisation, or an observer never saw data.
+    """
+    layers = q.quantized_layers(model)
+    if not layers or not any(bool(q.weight_quantizer(m).enabled) for m in layers.values()):
+        raise CompressionConfigError(
+            "int8 export needs QAT state: this model has no enabled fake quantisation. "
+            "HINT: train with QuantizationAwareTraining, or export with int8=False"
+        )
+    export = copy.deepcopy(model).eval()
+    fold_masks(export)
+    names = {id(m): n for n, m in export.named_modules()}
+    for name, layer in q.quantized_layers(export).items():
+        quant = q.weight_quantizer(layer)
+        for attr in (q.INPUT_QUANT, q.OUTPUT_QUANT):
+            if not getattr(layer, attr).initialised:
+                raise CompressionConfigError(f"activation observer {name}.{attr} never saw data: cannot export int8")
+        weight, bn = weight_of(layer).detach().clone(), quant.bn
+        if bn is not None:  # the BatchNorm's effect moves into the layer; its output hook moves too
+            weight, bias = _fold_bn_into(layer, bn, weight)
+            layer.bias = nn.Parameter(bias)
+            _set_module(export, names[id(bn)], nn.Identity())
+        scale = q.weight_scale(weight, quant.bits, quant.per_channel)
+        q.unparametrize_weight(layer, q.fake_quant_weight(weight, scale, quant.bits))  # on the grid
+        zero = torch.zeros(scale.numel(), dtype=torch.int8)
+        parametrize.register_parametrization(layer, "weight", q.ConstantQDQ(scale, zero, axis=0))
+        layer.add_module(q.INPUT_QUANT, getattr(layer, q.INPUT_QUANT).constant())
+        q.set_output_quantizer(layer, layer, getattr(layer, q.OUTPUT_QUANT).constant())
+    return export
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with masks folded and fake quantisation removed (fp32 export)."""
+    export = copy.deepcopy(model).eval()
+    fold_masks(export)
+    return q.strip(export)
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in graph.initializer}
+
+
+def _constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    inits = _initializers(graph)
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _consumers(graph: onnx.GraphProto, name: str) -> Iterator[onnx.NodeProto]:
+    return (node for node in graph.node if name in node.input)
+
+
+def fold_weight_quantizers(model: onnx.ModelProto) -> int:
+    """Replace ``QuantizeLinear(constant float)`` by a constant int8 tensor; return how many."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        values = _constant_value(graph, node.input[0])
+        if values is None:
+            continue
+        scale = _constant_value(graph, node.input[1])
+        zero = _constant_value(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * values.ndim
+        if scale.size > 1:
+            shape[axis] = -1
+        zero_arr = np.zeros_like(scale, dtype=np.int8) if zero is None else zero
+        ints = np.round(values / scale.reshape(shape)) + zero_arr.astype(np.float32).reshape(shape)
+        dtype = np.uint8 if zero is not None and zero.dtype == np.uint8 else np.int8
+        info = np.iinfo(dtype)
+        tensor = numpy_helper.from_array(np.clip(ints, info.min, info.max).astype(dtype), node.output[0] + "_int8")
+        graph.initializer.append(tensor)
+        for consumer in _consumers(graph, node.output[0]):
+            for i, name in enumerate(consumer.input):
+                if name == node.output[0]:
+                    consumer.input[i] = tensor.name
+        graph.node.remove(node)
+        folded += 1
+    _drop_unused(graph)
+    return folded
+
+
+def quantize_biases(model: onnx.ModelProto) -> int:
+    """Give every Conv/Gemm with quantised input and weight an int32 bias behind a DequantizeLinear."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    done = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            continue
+        x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
+        bias = _constant_value(graph, node.input[2])
+        if bias is None or x_dq is None or w_dq is None or "DequantizeLinear" not in (x_dq.op_type, w_dq.op_type):
+            continue
+        if x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        x_scale, w_scale = _constant_value(graph, x_dq.input[1]), _constant_value(graph, w_dq.input[1])
+        if x_scale is None or w_scale is None:
+            continue
+        scale = (x_scale.astype(np.float32) * w_scale.astype(np.float32)).reshape(-1)
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32) if scale.size == 1 else scale
+        ints = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = node.input[2]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(ints, base + "_int32"),
+                numpy_helper.from_array(scale.astype(np.float32), base + "_int32_scale"),
+            ]
+        )  # zero point omitted: 0
+        dq = helper.make_node("DequantizeLinear", [base + "_int32", base + "_int32_scale"], [base + "_dq"], axis=0)
+        graph.node.insert(list(graph.node).index(node), dq)
+        node.input[2] = base + "_dq"
+        done += 1
+    _drop_unused(graph)
+    return done
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    for node in list(graph.node):
+        if node.op_type == "Constant" and node.output[0] not in used:
+            graph.node.remove(node)
+
+
+def _qdq_to_onnx(x: Any, scale: Any, zero_point: Any, axis: int, qmin: int, qmax: int) -> Any:
+    from onnxscript import opset18 as op
+
+    quantised = op.QuantizeLinear(x, scale, zero_point, axis=axis)
+    return op.DequantizeLinear(quantised, scale, zero_point, axis=axis)
+
+
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node source metadata and intermediate shapes (a deployed file needs neither)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+    del model.graph.metadata_props[:]
+
+
+def _to_onnx(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example_input,),
+            dynamo=True,
+            opset_version=OPSET,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+            input_names=["input"],
+            output_names=["logits"],
+            custom_translation_table={torch.ops.lightning_compress.qdq.default: _qdq_to_onnx},
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    return program.model_proto
+
+
+def export_onnx(model: nn.Module, example_input: Tensor, path: str | os.PathLike[str], int8: bool = False) -> Path:
+    """Export ``model`` to ONNX at ``path`` (batch dimension dynamic), atomically.
+
+    Args:
+        model: the model (pruning masks and QAT state are handled; the model itself is not changed).
+        example_input: one input batch (its batch size does not matter).
+        path: the file to write.
+        int8: write an int8 QDQ model from the model's QAT state (weights stored as int8);
+            otherwise an fp32 model with fake quantisation switched off.
+
+    Returns:
+        The path written.
+
+    Raises:
+        CompressionConfigError: ``int8=True`` on a model without QAT state; the folder cannot be written.
+    """
+    path = Path(path)
+    export = (inference_copy(model) if int8 else float_copy(model)).requires_grad_(False)
+    example = example_input.detach().to(next(export.parameters()).device)
+    proto = _to_onnx(export, example)
+    if int8:
+        fold_weight_quantizers(proto)
+        quantize_biases(proto)
+    strip_debug_info(proto)
+    onnx.checker.check_model(proto)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise CompressionConfigError(f"cannot write the ONNX file {str(path)!r}: {err}") from None
+    os.close(handle)
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
