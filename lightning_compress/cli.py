@@ -12,7 +12,9 @@ from lightning_compress.errors import CompressionConfigError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-compress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a CNN dense and with 90%% GMP on embedded data; print the table")
+    demo = commands.add_parser(
+        "demo", help="train a CNN dense, with 90%% GMP and with GMP + QAT int8 on embedded data; print the table"
+    )
     demo.add_argument("--model", default="cnn_small", help="a registered model name (default: cnn_small)")
     demo.add_argument("--data", default="mnist5k", help="digits or mnist5k (default: mnist5k)")
     demo.add_argument("--epochs", type=int, default=6)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,3 +134,42 @@ def summarize(model: nn.Module, example_input: Any | None = None) -> dict[str, i
     if example_input is not None:
         figures["macs"], figures["sparse_macs"] = count_macs(model, example_input)
     return figures
+
+
+def ort_session(path: str | Path, spinning: bool = True) -> Any:
+    """An ONNX Runtime CPU session for ``path`` (``spinning``: let idle intra-op threads spin)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_accuracy(path: str | Path, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy of the ONNX model at ``path`` on ``(input, label)`` batches, run by ONNX Runtime."""
+    session = ort_session(path)
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for x, y in batches:
+        logits = session.run(None, {name: x.detach().cpu().numpy()})[0]
+        correct += int((logits.argmax(1) == y.cpu().numpy()).sum())
+        total += len(y)
+    return correct / total if total else 0.0
+
+
+def ort_latency_ms(path: str | Path, batch: Tensor, runs: int = 30, warmup: int = 10, spinning: bool = True) -> float:
+    """Median milliseconds of ``runs`` ONNX Runtime calls on ``batch`` after ``warmup`` calls.
+
+    Only this session is alive while it runs (idle sessions' spinning threads would steal the cores).
+    """
+    session = ort_session(path, spinning)
+    feed = {session.get_inputs()[0].name: batch.detach().cpu().numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    del session
+    return 1000 * statistics.median(times)

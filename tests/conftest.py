@@ -1,8 +1,14 @@
-"""Test set-up: offline W&B, quiet Lightning, one thread less contention on 2-core CI."""
+"""Test set-up: offline W&B, quiet Lightning, and the one shared DDP run."""
 
 import logging
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+
+import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -10,4 +16,14 @@ os.environ.setdefault("WANDB_SILENT", "true")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """Both ranks' records from one DDP run of tests/ddp_run.py (pruning + QAT, 2 CPU processes)."""
+    out = tmp_path_factory.mktemp("ddp")
+    script = Path(__file__).parent / "ddp_run.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    done = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,26 +19,28 @@ from lightning_compress.data import EpochSeededSampler
 class TinyNet(nn.Module):
     """Conv(1->8) -> Conv(8->8) -> Linear(8*4*4 -> 16) -> Linear(16 -> 4): every prunable kind."""
 
-    def __init__(self, classes: int = 4) -> None:
+    def __init__(self, classes: int = 4, bn: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=not bn)
+        self.bn2 = nn.BatchNorm2d(8) if bn else nn.Identity()
         self.fc1 = nn.Linear(8 * 4 * 4, 16)
         self.fc2 = nn.Linear(16, classes)
 
     def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
         return self.fc2(F.relu(self.fc1(x.flatten(1)))) * scale
 
 
 class TinyModule(pl.LightningModule):
     """A user-written LightningModule around :class:`TinyNet` (keyword-argument forward included)."""
 
-    def __init__(self, lr: float = 0.05, optimizer: str = "sgd") -> None:
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd", bn: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = TinyNet()
+        self.net = TinyNet(bn=bn)
 
     def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
         return self.net(x, scale=scale)
@@ -114,3 +119,13 @@ def fit(
 def weights(module: nn.Module) -> dict[str, Tensor]:
     """Every Conv/Linear weight by module name (detached copies)."""
     return {n: m.weight.detach().clone() for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def logged_metrics(logger: CSVLogger, prefix: str) -> dict[str, str]:
+    """The last logged value of every ``<prefix>*`` column in a CSV logger's file."""
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    last: dict[str, str] = {}
+    for row in rows:
+        last.update({k: v for k, v in row.items() if k.startswith(prefix) and v not in ("", None)})
+    return last

@@ -1,9 +1,5 @@
 import gc
-import os
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -14,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_compress import CompressionConfigError, MagnitudePruning
 from lightning_compress.pruning import masked_modules, select_layers, sparsity
 from lightning_compress.schedules import SparsitySchedule
-from tests.helpers import TinyModule, TinyNet, fit, loaders, trainer
+from tests.helpers import TinyModule, TinyNet, fit, loaders, logged_metrics, trainer
 
 STEPS_PER_EPOCH = 8  # helpers.loaders(): 128 samples, batch 16
 
@@ -156,24 +152,12 @@ def test_logs_figures_counted_from_the_tensors(tmp_path):
     pruning = MagnitudePruning(final_sparsity=0.75, end_epoch=1)
     logger = CSVLogger(tmp_path, name="run")
     _, module = fit([pruning], max_epochs=2, logger=logger, log_every_n_steps=1)
-    metrics = {k: float(v) for k, v in pruning_metrics(logger).items()}
+    metrics = {k: float(v) for k, v in logged_metrics(logger, "pruning/").items()}
     layers = select_layers(module)
     assert metrics["pruning/sparsity"] == pytest.approx(sparsity(layers), abs=1e-6)
     assert metrics["pruning/target"] == pytest.approx(0.75)
     assert metrics["pruning/nonzero_params"] == sum(int(p.count_nonzero()) for p in module.parameters())
     assert metrics["pruning/layer/net.fc1"] == pytest.approx(float((module.net.fc1.weight == 0).float().mean()))
-
-
-def pruning_metrics(logger: CSVLogger) -> dict[str, str]:
-    """The last logged value of every ``pruning/*`` column in the CSV logger's file."""
-    import csv
-
-    with open(Path(logger.log_dir) / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    last: dict[str, str] = {}
-    for row in rows:
-        last.update({k: v for k, v in row.items() if k.startswith("pruning/") and v not in ("", None)})
-    return last
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -262,14 +246,8 @@ def test_reusing_the_callback_keeps_no_reference_to_old_models():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_hold_identical_masks_at_every_update(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "ddp_prune.py"
-    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+def test_ddp_two_processes_hold_identical_masks_at_every_update(ddp_run):
+    rank0, rank1 = ddp_run
     assert len(rank0["history"]) >= 8 and rank0["history"].keys() == rank1["history"].keys()
     for step, masks in rank0["history"].items():
         for name, mask in masks.items():

@@ -1,0 +1,128 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_compress import CompressionConfigError, MagnitudePruning, QuantizationAwareTraining, export_onnx
+from lightning_compress import quantization as q
+from lightning_compress.pruning import select_layers, weight_of
+from tests.helpers import TinyModule, fit, loaders, logged_metrics, trainer
+
+
+class PhaseProbe(pl.Callback):
+    """Per epoch: was QAT on at the end, did the ranges move, did BN statistics move?"""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, object]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._ranges = q.observer_ranges(pl_module)
+        self._bn = pl_module.net.bn1.running_mean.clone()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        layers = q.quantized_layers(pl_module)
+        self.epochs.append(
+            {
+                "enabled": bool(q.weight_quantizer(layers["net.conv1"]).enabled),
+                "ranges_moved": q.observer_ranges(pl_module) != self._ranges,
+                "bn_moved": not torch.equal(pl_module.net.bn1.running_mean, self._bn),
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"start_epoch": -1}, "`start_epoch` must be a number >= 0, got -1"),
+        ({"start_epoch": 1.5}, "`start_epoch` must be a whole epoch number, got 1.5"),
+        ({"start_epoch": 2, "freeze_bn_epoch": 1}, r"`freeze_bn_epoch` must be >= start_epoch \(2\) or None, got 1"),
+        ({"freeze_observers_epoch": -2}, "`freeze_observers_epoch` must be a number >= 0 or None, got -2"),
+        ({"weight_bits": 9}, "`weight_bits` must be an integer from 2 to 8, got 9"),
+        ({"activation_bits": 16}, "`activation_bits` must be 8"),
+        ({"observer": "histogram"}, "`observer` must be one of 'minmax', 'ema', got 'histogram'"),
+        ({"include": [1]}, r"`include` must be a module-name pattern or a list of them .* got \[1\]"),
+    ],
+)
+def test_invalid_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(CompressionConfigError, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_nothing_to_quantise_fails_before_training():
+    with pytest.raises(CompressionConfigError, match="nothing to quantise in TinyModule"):
+        fit([QuantizationAwareTraining(exclude="*")])
+
+
+def test_phases_start_freeze_observers_and_batchnorm():
+    probe = PhaseProbe()
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_observers_epoch=3, freeze_bn_epoch=2)
+    _, module = fit([qat, probe], module=TinyModule(bn=True), max_epochs=4)
+    assert [e["enabled"] for e in probe.epochs] == [False, True, True, True]
+    assert [e["ranges_moved"] for e in probe.epochs] == [False, True, True, False]
+    assert [e["bn_moved"] for e in probe.epochs] == [True, True, False, False]
+    assert len(q.folded_batchnorms(module)) == 2
+    assert module(torch.zeros(1, 1, 8, 8), scale=3.0).shape == (1, 4)  # keyword-argument forward
+
+
+@pytest.mark.parametrize("order", ["prune_first", "qat_first"])
+def test_composes_with_pruning_and_zeros_stay_zero(tmp_path, order):
+    pruning = MagnitudePruning(final_sparsity=0.75, end_epoch=1)
+    qat = QuantizationAwareTraining(start_epoch=1)
+    callbacks = [pruning, qat] if order == "prune_first" else [qat, pruning]
+    _, module = fit(callbacks, module=TinyModule(bn=True), max_epochs=3)
+    for layer in select_layers(module).values():
+        pruned = weight_of(layer) == 0
+        assert (layer.weight[pruned] == 0).all()  # through fake quantisation too
+    stored = sum(int((weight_of(m) == 0).sum()) for m in select_layers(module).values())
+    total = sum(weight_of(m).numel() for m in select_layers(module).values())
+    assert stored == round(0.75 * total)
+    x = loaders()[1].dataset.tensors[0][:8]
+    path = export_onnx(module.net, x, tmp_path / "m.int8.onnx", int8=True)
+    assert path.exists()
+
+
+def test_logs_qat_figures(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    fit([QuantizationAwareTraining(start_epoch=1)], module=TinyModule(bn=True), max_epochs=2, logger=logger)
+    metrics = logged_metrics(logger, prefix="qat/")
+    assert float(metrics["qat/enabled"]) == 1.0 and float(metrics["qat/weight_bits"]) == 8.0
+    assert float(metrics["qat/quantized_layers"]) == 4.0 and float(metrics["qat/range_max"]) > 0
+
+
+def test_resume_inside_qat_continues_with_the_same_observer_state(tmp_path):
+    def run(ckpt_path=None, subdir="a"):
+        qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=3)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / subdir, save_top_k=-1, every_n_epochs=1)
+        _, module = fit(
+            [qat, checkpoint], module=TinyModule(bn=True), max_epochs=4, ckpt_path=ckpt_path, enable_checkpointing=True
+        )
+        return module
+
+    full = run()
+    mid = tmp_path / "a" / "epoch=1-step=16.ckpt"
+    saved = torch.load(mid, weights_only=True)["state_dict"]
+    assert bool(saved["net.conv1.input_quant.enabled"]) and "net.conv1.parametrizations.weight.original" in saved
+    resumed = run(ckpt_path=mid, subdir="b")
+    assert q.observer_ranges(resumed) == q.observer_ranges(full)
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_test_from_a_qat_checkpoint(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    qat = QuantizationAwareTraining()
+    fit([qat, checkpoint], module=TinyModule(bn=True), max_epochs=2, enable_checkpointing=True)
+    fresh = trainer(callbacks=[QuantizationAwareTraining()])
+    result = fresh.test(TinyModule(bn=True), loaders()[1], ckpt_path=checkpoint.best_model_path, verbose=False)
+    assert result[0]["val/acc"] == pytest.approx(float(checkpoint.best_model_score), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_observer_ranges_identical_on_both_ranks(ddp_run):
+    rank0, rank1 = ddp_run
+    assert len(rank0["ranges"]) >= 16 and rank0["ranges"].keys() == rank1["ranges"].keys()
+    for step, ranges in rank0["ranges"].items():
+        assert ranges == rank1["ranges"][step], step
+    last = rank0["ranges"][max(rank0["ranges"])]
+    assert all(high > low for low, high in last.values())

@@ -1,0 +1,57 @@
+"""Run by the DDP tests: MagnitudePruning + QuantizationAwareTraining under DDP, 2 CPU processes (gloo).
+
+Every rank records its masks after every mask update, and its observer ranges after every step
+once QAT is on, and saves them to OUT/rank<r>.pt. Usage: python tests/ddp_run.py OUT
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.quantization import observer_ranges
+from tests.helpers import TinyModule, loaders
+
+
+class Recorder(pl.Callback):
+    def __init__(self, pruning: MagnitudePruning) -> None:
+        self.pruning = pruning
+        self.seen = -1
+        self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.ranges: dict[int, dict[str, tuple[float, float]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.pruning.last_update_step != self.seen:
+            self.seen = self.pruning.last_update_step
+            self.masks[self.seen] = {n: m.weight_mask.clone() for n, m in self.pruning.modules.items()}
+        if trainer.current_epoch >= 1:
+            self.ranges[trainer.global_step] = observer_ranges(pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        payload = {"history": self.masks, "ranges": self.ranges, "weights": state}
+        torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    pl.seed_everything(0, verbose=False)
+    pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1)
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2)
+    train, val = loaders(n=128, batch_size=8)
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=3,
+        callbacks=[pruning, qat, Recorder(pruning)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(TinyModule(bn=True), train, val)
