@@ -79,3 +79,18 @@ def test_summarize_restores_training_mode():
         "macs",
         "sparse_macs",
     }
+
+
+def test_ort_accuracy_matches_torch_and_latency_is_measured(tmp_path):
+    from lightning_compress.export import export_onnx
+    from lightning_compress.measure import ort_accuracy, ort_latency_ms
+    from tests.helpers import loaders
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    batches = list(loaders()[1])
+    path = export_onnx(model, batches[0][0][:1], tmp_path / "m.onnx")
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    assert ort_accuracy(path, batches) == correct / sum(len(y) for _, y in batches)
+    assert ort_latency_ms(path, batches[0][0], runs=3, warmup=1, spinning=False) > 0
