@@ -56,8 +56,8 @@ class ClassificationModule(pl.LightningModule):
             raise config_error("lr", "> 0", lr)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model = model if isinstance(model, nn.Module) else build_model(model, num_classes, in_channels)
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     @override
     def forward(self, x: Tensor) -> Tensor:
