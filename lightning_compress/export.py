@@ -58,7 +58,7 @@ def _fold_bn_into(layer: nn.Module, bn: nn.Module, weight: Tensor) -> tuple[Tens
 
 
 @torch.no_grad()
-def inference_copy(model: nn.Module) -> nn.Module:
+def inference_copy(model: nn.Module, example_input: Tensor) -> nn.Module:
     """A deep copy of ``model`` ready to export as int8 QDQ.
 
     Masks are folded into the weights, folded BatchNorms become ``Identity`` (their effect moves
@@ -76,11 +76,12 @@ def inference_copy(model: nn.Module) -> nn.Module:
         )
     export = copy.deepcopy(model).eval()
     fold_masks(export)
+    q.share_ranges(export, example_input)  # as the QAT callback did on its first batch
     names = {id(m): n for n, m in export.named_modules()}
     for name, layer in q.quantized_layers(export).items():
         quant = q.weight_quantizer(layer)
         for attr in (q.INPUT_QUANT, q.OUTPUT_QUANT):
-            if not getattr(layer, attr).initialised:
+            if not getattr(layer, attr).initialised and not getattr(layer, attr).bypass:
                 raise CompressionConfigError(f"activation observer {name}.{attr} never saw data: cannot export int8")
         weight, bn = weight_of(layer).detach().clone(), quant.bn
         if bn is not None:  # the BatchNorm's effect moves into the layer; its output hook moves too
@@ -92,7 +93,8 @@ def inference_copy(model: nn.Module) -> nn.Module:
         zero = torch.zeros(scale.numel(), dtype=torch.int8)
         parametrize.register_parametrization(layer, "weight", q.ConstantQDQ(scale, zero, axis=0))
         layer.add_module(q.INPUT_QUANT, getattr(layer, q.INPUT_QUANT).constant())
-        q.set_output_quantizer(layer, layer, getattr(layer, q.OUTPUT_QUANT).constant())
+        output = getattr(layer, q.OUTPUT_QUANT)
+        q.set_output_quantizer(layer, layer, nn.Identity() if output.bypass else output.constant())
     return export
 
 
@@ -252,7 +254,7 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: str | os.PathLike
         CompressionConfigError: ``int8=True`` on a model without QAT state; the folder cannot be written.
     """
     path = Path(path)
-    export = (inference_copy(model) if int8 else float_copy(model)).requires_grad_(False)
+    export = (inference_copy(model, example_input) if int8 else float_copy(model)).requires_grad_(False)
     example = example_input.detach().to(next(export.parameters()).device)
     proto = _to_onnx(export, example)
     if int8:

@@ -86,6 +86,7 @@ def test_int8_runs_integer_kernels_and_agrees_within_one_step(tmp_path, batches,
     run = session(tmp_path / "m.int8.onnx", optimized=tmp_path / "opt.onnx")
     ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
     assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 2
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1  # one Q in, one DQ out
     assert not FLOAT_COMPUTE & set(ops), ops
     step = model.classifier[3].output_quant.qparams()[0]
     x = batches[3]

@@ -148,3 +148,24 @@ def test_strip_gives_a_plain_model_and_leaves_copies_alone():
 def test_nothing_to_quantise():
     with pytest.raises(CompressionConfigError, match="nothing to quantise in Sequential"):
         q.attach(nn.Sequential(nn.ReLU()))
+
+
+def test_output_ranges_are_shared_only_through_relu_and_maxpool():
+    from lightning_compress.models import build_model
+
+    x = torch.randn(2, 1, 28, 28)
+    for name, expected in (
+        ("cnn_small", ["features.0", "features.4", "features.8", "classifier.1"]),
+        ("resnet18", ["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]),
+    ):
+        model = build_model(name)
+        layers = q.attach(model)
+        q.link_batchnorms(model, q.find_bn_pairs(model, layers, x))
+        # resnet's conv2 -> bn2 is followed by an unseen in-place `out += identity`: not shared
+        assert q.share_ranges(model, x) == expected, name
+
+
+def test_functional_ops_keep_their_output_quantiser():
+    net = TinyNet(bn=True)  # F.relu / F.max_pool2d: invisible to module hooks, so nothing is shared
+    q.attach(net)
+    assert q.share_ranges(net, torch.randn(2, 1, 8, 8)) == []

@@ -104,11 +104,16 @@ class QuantizationAwareTraining(Callback):
         if self._linked:
             return
         self._linked = True
+        example = batch_input(batch)[:2]
+        layers = core.quantized_layers(pl_module)
+        linked = 0
         if self.config.fold_bn:
-            example = batch_input(batch)[:2]
-            layers = core.quantized_layers(pl_module)
             linked = core.link_batchnorms(pl_module, core.find_bn_pairs(pl_module, layers, example))
-            rank_zero_info(f"QuantizationAwareTraining: {len(layers)} layers, {linked} BatchNorms folded")
+        shared = core.share_ranges(pl_module, example)
+        rank_zero_info(
+            f"QuantizationAwareTraining: {len(layers)} layers, {linked} BatchNorms folded, "
+            f"{len(shared)} output ranges shared with the next layer's input"
+        )
 
     @override
     def on_train_batch_start(
