@@ -7,8 +7,9 @@ For each model (cnn_small, cnn_wide), one seed:
      calibration images) -- the anchor; our QAT models as int8 QDQ; and, at 4 bits, a PTQ anchor made
      with our own quantiser (observers calibrated on the same 256 images, no training);
   3. run everything in ONNX Runtime: accuracy on the 1,000 validation images, file size, and
-     latency at batch 64 (median of >= 30 runs after warm-up, one session alive at a time, thread
-     spinning on and off), printed as ratios to fp32.
+     latency at batch 64 (5 interleaved rounds over the files, each the median of 30 calls after
+     warm-up, one session alive at a time; median over rounds; thread spinning on and off), as
+     ratios to fp32.
 Training-time ratio: median epoch time of a QAT continuation / the fp32 continuation.
 
 Run: ``.venv/bin/python benchmarks/qat_int8.py`` (about 10 minutes on 2 cores).
@@ -32,6 +33,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lightning_compress import ClassificationModule, QuantizationAwareTraining, export_onnx, get_datamodule
 from lightning_compress import quantization as q
+from lightning_compress.dataflow import find_bn_pairs
 from lightning_compress.measure import ort_accuracy, ort_latency_ms
 
 
@@ -62,17 +64,26 @@ class Reader(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def ort_figures(path: Path, runs: int) -> dict[str, float]:
-    """Accuracy on the validation set, file bytes, median batch-64 latency with thread spinning on and off."""
+def ort_figures(paths: dict[str, Path], runs: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Per file: validation accuracy, bytes, and batch-64 latency with thread spinning on and off.
+
+    Latency is measured in ``rounds`` interleaved rounds (every file once per round, one session
+    alive at a time), each the median of ``runs`` calls; the figure is the median over rounds.
+    """
     dm = get_datamodule("mnist5k", batch_size=250)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))[0][:64]
-    return {
-        "bytes": float(path.stat().st_size),
-        "acc": ort_accuracy(path, dm.val_dataloader()),
-        "latency_ms_spin1": ort_latency_ms(path, batch, runs, spinning=True),
-        "latency_ms_spin0": ort_latency_ms(path, batch, runs, spinning=False),
+    figures = {
+        arm: {"bytes": float(p.stat().st_size), "acc": ort_accuracy(p, dm.val_dataloader())} for arm, p in paths.items()
     }
+    for spinning in (True, False):
+        samples: dict[str, list[float]] = {arm: [] for arm in paths}
+        for _ in range(rounds):
+            for arm, path in paths.items():
+                samples[arm].append(ort_latency_ms(path, batch, runs, spinning=spinning))
+        for arm in paths:
+            figures[arm][f"latency_ms_spin{int(spinning)}"] = statistics.median(samples[arm])
+    return figures
 
 
 def ptq_ours(fp32: ClassificationModule, images: np.ndarray, bits: int) -> torch.nn.Module:
@@ -81,7 +92,7 @@ def ptq_ours(fp32: ClassificationModule, images: np.ndarray, bits: int) -> torch
     config = q.QuantConfig(weight_bits=bits, observer="minmax")
     layers = q.attach(model, config)
     x = torch.from_numpy(images)
-    q.link_batchnorms(model, q.find_bn_pairs(model, layers, x[:2]))
+    q.link_batchnorms(model, find_bn_pairs(model, layers, x[:2]))
     q.enable(model)
     for module in model.modules():  # observe activations only: BatchNorm statistics stay as trained
         module.train(isinstance(module, q.ActivationFakeQuant))
@@ -123,10 +134,9 @@ def run_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, di
     )
     paths["QAT w4a8"] = export_onnx(arms["QAT w4a8"].model, example, folder / f"{name}.qat4.onnx", int8=True)
 
-    results: dict[str, dict[str, float]] = {}
-    for arm, path in paths.items():
-        results[arm] = ort_figures(path, args.runs)
-        print(f"{name}: {arm}: {results[arm]}", flush=True)
+    results = ort_figures(paths, args.runs, args.rounds)
+    for arm, figures in results.items():
+        print(f"{name}: {arm}: {figures}", flush=True)
     for arm in ("QAT int8", "QAT w4a8"):
         results[arm]["train_ratio"] = epoch_time[arm] / epoch_time["fp32"]
     return results
@@ -154,7 +164,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="total epochs per arm (E)")
     parser.add_argument("--qat-epochs", type=int, default=2, help="the last Q epochs: fp32, QAT 8-bit or QAT 4-bit")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=int, default=50, help="timed ORT runs per model")
+    parser.add_argument("--runs", type=int, default=30, help="timed ORT calls per file and round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds over the files")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

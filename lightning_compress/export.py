@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress import quantization as q
+from lightning_compress.dataflow import share_ranges
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.pruning import fold_masks, weight_of
 
@@ -76,7 +77,7 @@ def inference_copy(model: nn.Module, example_input: Tensor) -> nn.Module:
         )
     export = copy.deepcopy(model).eval()
     fold_masks(export)
-    q.share_ranges(export, example_input)  # as the QAT callback did on its first batch
+    share_ranges(export, example_input)  # as the QAT callback did on its first batch
     names = {id(m): n for n, m in export.named_modules()}
     for name, layer in q.quantized_layers(export).items():
         quant = q.weight_quantizer(layer)
@@ -167,7 +168,7 @@ def quantize_biases(model: onnx.ModelProto) -> int:
             continue
         x_dq, w_dq = producers.get(node.input[0]), producers.get(node.input[1])
         bias = _constant_value(graph, node.input[2])
-        if bias is None or x_dq is None or w_dq is None or "DequantizeLinear" not in (x_dq.op_type, w_dq.op_type):
+        if bias is None or x_dq is None or w_dq is None:
             continue
         if x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
             continue

@@ -297,16 +297,8 @@ def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def fold_masks(model: nn.Module | Iterable[nn.Module]) -> nn.Module | None:
-    """Multiply the masks into the weights and remove the mask buffers and hooks, in place.
-
-    Args:
-        model: a model (every masked submodule is folded; it is returned) or an iterable of
-            masked modules (folded; returns ``None``).
-
-    The model's ``state_dict`` then loads into a fresh instance of its original class.
-    """
-    modules = masked_modules(model).values() if isinstance(model, nn.Module) else list(model)
+def fold_module_masks(modules: Iterable[nn.Module]) -> None:
+    """Multiply each module's masks into its weights and remove the mask buffers and hook, in place."""
     for module in modules:
         apply_masks([module])
         for buffer in (WEIGHT_MASK, BIAS_MASK):
@@ -314,7 +306,15 @@ def fold_masks(model: nn.Module | Iterable[nn.Module]) -> nn.Module | None:
         hooks = module._load_state_dict_pre_hooks
         for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _fill_missing_masks]:
             del hooks[key]
-    return model if isinstance(model, nn.Module) else None
+
+
+def fold_masks(model: nn.Module) -> nn.Module:
+    """Fold every mask of ``model`` into its weights (see :func:`fold_module_masks`) and return it.
+
+    The model's ``state_dict`` then loads into a fresh instance of its original class.
+    """
+    fold_module_masks(list(masked_modules(model).values()))
+    return model
 
 
 def sparsity(modules: Mapping[str, nn.Module]) -> float:

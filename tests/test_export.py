@@ -9,6 +9,7 @@ from onnx import numpy_helper
 from lightning_compress import ClassificationModule, QuantizationAwareTraining
 from lightning_compress import quantization as q
 from lightning_compress.data import get_datamodule
+from lightning_compress.dataflow import find_bn_pairs
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.export import export_onnx
 from lightning_compress.models import build_model
@@ -32,7 +33,7 @@ def calibrated(name, batches, sparsity=0.0, config=None):
     if sparsity:
         prune(model, sparsity)
     layers = q.attach(model, config or q.QuantConfig())
-    q.link_batchnorms(model, q.find_bn_pairs(model, layers, batches[0][:2]))
+    q.link_batchnorms(model, find_bn_pairs(model, layers, batches[0][:2]))
     q.enable(model)
     model.train()
     with torch.no_grad():

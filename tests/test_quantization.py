@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lightning_compress import quantization as q
+from lightning_compress.dataflow import find_bn_pairs, share_ranges
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.pruning import prune, select_layers, weight_of
 from tests.helpers import TinyNet
@@ -15,7 +16,7 @@ def quantised(bn: bool = False, config: q.QuantConfig | None = None, batches: in
     torch.manual_seed(0)
     net, x = TinyNet(bn=bn), torch.randn(16, 1, 8, 8)
     layers = q.attach(net, config or q.QuantConfig())
-    q.link_batchnorms(net, q.find_bn_pairs(net, layers, x[:2]))
+    q.link_batchnorms(net, find_bn_pairs(net, layers, x[:2]))
     q.enable(net)
     net.train()
     for _ in range(batches):
@@ -92,7 +93,7 @@ def test_zeros_stay_exactly_zero():
 def test_batchnorm_pairs_are_found_by_matching_tensors():
     net, x = TinyNet(bn=True), torch.randn(2, 1, 8, 8)
     layers = select_layers(net)
-    assert q.find_bn_pairs(net, layers, x) == {"conv1": "bn1", "conv2": "bn2"}
+    assert find_bn_pairs(net, layers, x) == {"conv1": "bn1", "conv2": "bn2"}
 
 
 def test_folded_weight_is_quantised_and_output_quantised_after_the_batchnorm():
@@ -160,12 +161,12 @@ def test_output_ranges_are_shared_only_through_relu_and_maxpool():
     ):
         model = build_model(name)
         layers = q.attach(model)
-        q.link_batchnorms(model, q.find_bn_pairs(model, layers, x))
+        q.link_batchnorms(model, find_bn_pairs(model, layers, x))
         # resnet's conv2 -> bn2 is followed by an unseen in-place `out += identity`: not shared
-        assert q.share_ranges(model, x) == expected, name
+        assert share_ranges(model, x) == expected, name
 
 
 def test_functional_ops_keep_their_output_quantiser():
     net = TinyNet(bn=True)  # F.relu / F.max_pool2d: invisible to module hooks, so nothing is shared
     q.attach(net)
-    assert q.share_ranges(net, torch.randn(2, 1, 8, 8)) == []
+    assert share_ranges(net, torch.randn(2, 1, 8, 8)) == []

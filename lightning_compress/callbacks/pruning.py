@@ -266,7 +266,7 @@ class MagnitudePruning(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        core.fold_masks(self._added)
+        core.fold_module_masks(self._added)
         self._added = []
         self._modules = {}
         self._pairs = ([], [])

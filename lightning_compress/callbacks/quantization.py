@@ -12,10 +12,12 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import override
 
 from lightning_compress import quantization as core
 from lightning_compress.callbacks.common import batch_input, check_epoch, check_names
+from lightning_compress.dataflow import find_bn_pairs, share_ranges
 from lightning_compress.errors import config_error
 
 
@@ -78,6 +80,7 @@ class QuantizationAwareTraining(Callback):
         self.exclude = check_names("exclude", exclude)
         self._state_key_suffix = state_key_suffix
         self._linked = False
+        self._folded_bns: list[nn.Module] = []
 
     @property
     @override
@@ -99,6 +102,7 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         core.attach(pl_module, self.config, self.include, self.exclude)
         self._linked = False
+        self._folded_bns = []
 
     def _link(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._linked:
@@ -108,8 +112,9 @@ class QuantizationAwareTraining(Callback):
         layers = core.quantized_layers(pl_module)
         linked = 0
         if self.config.fold_bn:
-            linked = core.link_batchnorms(pl_module, core.find_bn_pairs(pl_module, layers, example))
-        shared = core.share_ranges(pl_module, example)
+            linked = core.link_batchnorms(pl_module, find_bn_pairs(pl_module, layers, example))
+        self._folded_bns = core.folded_batchnorms(pl_module)
+        shared = share_ranges(pl_module, example)
         rank_zero_info(
             f"QuantizationAwareTraining: {len(layers)} layers, {linked} BatchNorms folded, "
             f"{len(shared)} output ranges shared with the next layer's input"
@@ -121,7 +126,8 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         self._link(pl_module, batch)
         if self._phase(trainer.current_epoch)["bn_frozen"]:
-            core.freeze_bn(pl_module)  # Lightning puts the model back in train mode every epoch
+            for bn in self._folded_bns:  # Lightning puts the model back in train mode every epoch
+                bn.eval()
 
     @override
     def on_validation_batch_start(
