@@ -258,8 +258,8 @@ class MagnitudePruning(Callback):
     # -- end of fit and checkpoint state ---------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fold_on_fit_end:
-            core.fold_masks(pl_module)
+        if self.fold_on_fit_end:  # this instance's layers only: another instance may keep its masks
+            core.fold_module_masks(self._modules.values())
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

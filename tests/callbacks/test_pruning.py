@@ -225,11 +225,12 @@ def test_kept_masks_by_default_and_callback_state():
     assert other.last_update_step == -1
 
 
-def test_two_instances_have_distinct_state_keys():
-    a = MagnitudePruning(final_sparsity=0.5, include=["net.conv*"])
+def test_two_instances_have_distinct_state_keys_and_fold_their_own_layers():
+    a = MagnitudePruning(final_sparsity=0.5, include=["net.conv*"], fold_on_fit_end=True)
     b = MagnitudePruning(pattern="2:4", include=["net.fc*"])
     assert a.state_key != b.state_key
-    fit([a, b], max_epochs=1)
+    _, module = fit([a, b], max_epochs=1)
+    assert set(masked_modules(module)) == {"net.fc1", "net.fc2"}
 
 
 # -- reuse and distributed ----------------------------------------------------------------------------
