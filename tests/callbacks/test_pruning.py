@@ -258,3 +258,16 @@ def test_ddp_two_processes_hold_identical_masks_at_every_update(ddp_run):
     final = rank0["history"][max(rank0["history"])]
     kept = sum(int(m.sum()) for m in final.values())
     assert 1 - kept / sum(m.numel() for m in final.values()) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_figures_reach_wandb_offline(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="lightning-compress-tests", save_dir=str(tmp_path), offline=True)
+    _, module = fit([MagnitudePruning(final_sparsity=0.6, end_epoch=1)], max_epochs=2, logger=logger)
+    summary = dict(logger.experiment.summary)
+    assert summary["pruning/sparsity"] == pytest.approx(sparsity(select_layers(module)), abs=1e-6)
+    assert summary["pruning/target"] == pytest.approx(0.6)
+    assert list(tmp_path.rglob("run-*.wandb"))  # the offline run file was written
+    logger.experiment.finish()
