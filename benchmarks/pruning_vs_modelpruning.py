@@ -11,7 +11,9 @@ Arms, at every target sparsity:
                            (2E epochs in all)
   - ours                 : MagnitudePruning, cubic GMP from epoch 0 to R, E epochs
   - ours 2E              : MagnitudePruning over 2E epochs (ramp to 2R): compute-matched with one-shot
-Time ratio: median epoch time of the arm / median epoch time of the dense runs of the same seed.
+Time ratio: median epoch time of the arm / median epoch time of the dense runs of the same seed; and,
+sharper, an interleaved timing section first: rounds of [dense, ModelPruning, ours] 2-epoch runs
+pruning in every epoch, ratio of median epoch times (``--timing-rounds``, ``--timing-only``).
 
 Run: ``.venv/bin/python benchmarks/pruning_vs_modelpruning.py`` (about 30 minutes on 2 cores);
 ``--epochs 1 --seeds 1 --targets 0.5 --data digits`` is a smoke test.
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, fit, markdown, mean_spread, new_module, prunable, save, weight_sparsity
+from common import LAST_EPOCH_TIMES, RESULTS, fit, markdown, mean_spread, new_module, prunable, save, weight_sparsity
 from lightning.pytorch.callbacks import ModelPruning
 from torch.nn.utils import prune as torch_prune
 
@@ -123,6 +125,31 @@ def report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) ->
     return markdown(header, rows) + "\n\n" + "\n".join(lines)
 
 
+def timing(args: argparse.Namespace) -> str:
+    """Training-time ratios measured interleaved: rounds of [dense, ModelPruning, ours] fresh 2-epoch runs
+    that prune to the middle target over both epochs, so pruning work happens in every timed epoch."""
+    target = args.targets[len(args.targets) // 2]
+    arms = {
+        "dense": lambda m: [],
+        "ModelPruning": lambda m: [modelpruning(m, target, 2, lottery=False)],
+        "ours": lambda m: [MagnitudePruning(target, end_epoch=2)],
+    }
+    times: dict[str, list[list[float]]] = {arm: [] for arm in arms}
+    for round_ in range(args.timing_rounds):
+        for arm, callbacks in arms.items():
+            module = new_module(args.model, args.data, round_)
+            fit(module, args.data, 2, round_, callbacks(module))
+            times[arm].append(list(LAST_EPOCH_TIMES))
+    dense = statistics.median(t for run in times["dense"] for t in run)
+    rows = []
+    for arm, runs in times.items():
+        per_round = [statistics.median(run) / statistics.median(d) for run, d in zip(runs, times["dense"], strict=True)]
+        ratio = statistics.median(t for run in runs for t in run) / dense
+        rows.append([arm, f"{ratio:.3f}", f"{min(per_round):.3f}–{max(per_round):.3f}"])
+    header = ["arm", f"epoch time / dense (median of {2 * args.timing_rounds} epochs)", "per-round range"]
+    return f"Interleaved timing at target {target:g}, {args.timing_rounds} rounds:\n\n" + markdown(header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cnn_small")
@@ -132,7 +159,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
+    parser.add_argument("--timing-rounds", type=int, default=8, help="interleaved timing rounds (0: none)")
+    parser.add_argument("--timing-only", action="store_true", help="skip the accuracy runs")
     args = parser.parse_args()
+    if args.timing_rounds:
+        table = timing(args)
+        print(f"\n{args.model} on {args.data}\n\n{table}\n", flush=True)
+    if args.timing_only:
+        return
     runs = [run_seed(args, seed) for seed in range(args.seeds)]
     save("pruning_vs_modelpruning", {"args": {**vars(args), "out": str(args.out)}, "runs": runs}, args.out)
     print(f"\n{args.model} on {args.data}, {args.epochs} epochs (E), {args.seeds} seeds\n")

@@ -40,5 +40,6 @@ def test_pruning_benchmark_smoke(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| ours |" in done.stdout and "| ModelPruning (LTH) |" in done.stdout
+    assert "Interleaved timing at target 0.5" in done.stdout
     saved = json.loads((tmp_path / "pruning_vs_modelpruning.json").read_text())
     assert saved["runs"][0]["0.5/ours"]["sparsity"] > 0.49
