@@ -24,7 +24,8 @@ from lightning_compress.errors import CompressionConfigError, config_error, did_
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 
 DEFAULT_SPARSITY = 0.9
-UPDATES_PER_EPOCH = 4
+UPDATES_PER_RAMP = 16  # default: about 16 mask updates over the ramp ...
+MAX_UPDATES_PER_EPOCH = 2  # ... but at most two an epoch (each costs a few ms)
 
 
 class MagnitudePruning(Callback):
@@ -41,7 +42,8 @@ class MagnitudePruning(Callback):
         end_epoch: when ``final_sparsity`` is reached; default: three quarters of the way from
             ``start_epoch`` to the end of training, leaving the rest to recover.
         initial_sparsity: sparsity of the first pruning step, in ``[0, final_sparsity]``.
-        update_frequency: optimizer steps between mask updates; default four updates an epoch.
+        update_frequency: optimizer steps between mask updates; default about 16 updates over the ramp,
+            at most two an epoch.
         schedule: ``cubic`` (Zhu & Gupta 2017), ``linear`` or ``constant`` (the final sparsity from
             the start: one-shot pruning at ``start_epoch``).
         scope: ``global`` (one magnitude threshold across all selected layers) or ``layer``.
@@ -204,7 +206,8 @@ class MagnitudePruning(Callback):
                 f"MagnitudePruning: end_epoch={self.end_epoch} is past the end of training ({total:.0f} optimizer "
                 f"steps): the sparsity will not reach {self.final_sparsity}"
             )
-        frequency = self.update_frequency or max(1, steps_per_epoch // UPDATES_PER_EPOCH)
+        ramp = max(0, end - start)
+        frequency = self.update_frequency or max(1, ramp // UPDATES_PER_RAMP, steps_per_epoch // MAX_UPDATES_PER_EPOCH)
         return SparsitySchedule(self.initial_sparsity, self.final_sparsity, start, end, frequency, self.schedule_name)
 
     @override
@@ -240,20 +243,18 @@ class MagnitudePruning(Callback):
         self.current_target = target
 
     # -- logging ---------------------------------------------------------------------------------
-    def _log(self, pl_module: pl.LightningModule, on_step: bool, layers: bool = False) -> None:
-        figures = {
-            "pruning/sparsity": core.sparsity(self._modules),
-            "pruning/target": self.current_target,
-            "pruning/nonzero_params": float(sum(int(torch.count_nonzero(p)) for p in pl_module.parameters())),
-        }
-        if layers:
+    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+        """At mask updates the two headline figures (cheap); at epoch end also non-zeros and per layer."""
+        figures = {"pruning/sparsity": core.sparsity(self._modules), "pruning/target": self.current_target}
+        if not on_step:
+            figures["pruning/nonzero_params"] = float(sum(int(torch.count_nonzero(p)) for p in pl_module.parameters()))
             for name, value in core.layer_sparsity(self._modules).items():
                 figures[f"pruning/layer/{name}"] = value
         pl_module.log_dict(figures, on_step=on_step, on_epoch=not on_step, batch_size=1)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(pl_module, on_step=False, layers=True)
+        self._log(pl_module, on_step=False)
 
     # -- end of fit and checkpoint state ---------------------------------------------------------
     @override
