@@ -70,7 +70,7 @@ def run_demo(
         f"GMP {sparsity:.0%}": [MagnitudePruning(sparsity, end_epoch=ramp_end, fold_on_fit_end=True)],
         f"GMP {sparsity:.0%} + QAT int8": [
             MagnitudePruning(sparsity, end_epoch=ramp_end, fold_on_fit_end=True),
-            QuantizationAwareTraining(start_epoch=qat_start, freeze_bn_epoch=epochs - 1),
+            QuantizationAwareTraining(start_epoch=qat_start),
         ],
     }
     datamodule = get_datamodule(data, seed=seed)
