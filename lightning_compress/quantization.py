@@ -1,6 +1,6 @@
 """Quantisation-aware training core: fake quantisation of Conv/Linear weights and activations.
 
-No Lightning and no ``torch.ao.quantization`` (deprecated): built on torch's core fake-quant ops
+No Lightning, and nothing from torch's deprecated eager/FX quantisation package: built on torch's core fake-quant ops
 (``torch.fake_quantize_per_channel_affine`` / ``..._per_tensor_affine``, straight-through
 gradients), which export to ONNX ``QuantizeLinear``/``DequantizeLinear``.
 
