@@ -170,3 +170,9 @@ def test_functional_ops_keep_their_output_quantiser():
     net = TinyNet(bn=True)  # F.relu / F.max_pool2d: invisible to module hooks, so nothing is shared
     q.attach(net)
     assert share_ranges(net, torch.randn(2, 1, 8, 8)) == []
+
+
+def test_freeze_bn_puts_folded_batchnorms_in_eval_mode():
+    net, _ = quantised(bn=True)
+    q.freeze_bn(net)
+    assert not net.bn1.training and not net.bn2.training and net.conv1.training

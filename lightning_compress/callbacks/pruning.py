@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress import pruning as core
-from lightning_compress.callbacks.common import check_names, distributed, is_number
+from lightning_compress.callbacks.common import check_epoch, check_names, distributed, is_number
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 
@@ -89,8 +89,7 @@ class MagnitudePruning(Callback):
         self.final_sparsity = self._check_final(final_sparsity)
         if not is_number(initial_sparsity) or not 0.0 <= initial_sparsity <= self.final_sparsity:
             raise config_error("initial_sparsity", f"in [0, final_sparsity={self.final_sparsity}]", initial_sparsity)
-        if not is_number(start_epoch) or start_epoch < 0:
-            raise config_error("start_epoch", "a number >= 0", start_epoch)
+        check_epoch("start_epoch", start_epoch, optional=False)
         if end_epoch is not None and (not is_number(end_epoch) or end_epoch < start_epoch):
             raise config_error("end_epoch", f"a number >= start_epoch ({start_epoch}) or None", end_epoch)
         if update_frequency is not None and (
