@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from typing_extensions import override
 
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
@@ -80,31 +81,33 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Return ``(train, val)`` datasets."""
         raise NotImplementedError
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set = self.build()
 
-    def _loader(self, dataset: Dataset[Any] | None, train: bool) -> DataLoader[Any]:
-        if dataset is None:
-            self.setup()
-            return self._loader(self.train_set if train else self.val_set, train)
-        sampler = EpochSeededSampler(dataset, self.seed) if train else None
+    def _loader(self, train: bool) -> DataLoader[Any]:
+        self.setup()
+        dataset = cast(Dataset[Any], self.train_set if train else self.val_set)  # set by setup()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=EpochSeededSampler(dataset, self.seed) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader(self.train_set, train=True)
+        return self._loader(train=True)
 
+    @override
     def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader(self.val_set, train=False)
+        return self._loader(train=False)
 
+    @override
     def test_dataloader(self) -> DataLoader[Any]:
-        return self.val_dataloader()
+        return self._loader(train=False)
 
     def example_input(self, batch: int = 1) -> Tensor:
         """A zero batch of the right shape, e.g. for measuring MACs or exporting."""
