@@ -135,23 +135,18 @@ def share_ranges(model: nn.Module, example: Any) -> list[str]:
 def find_bn_pairs(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) -> dict[str, str]:
     """``{layer name: BatchNorm name}`` for every layer whose output feeds a BatchNorm directly.
 
-    Found by running ``example`` once (eval mode, no grad) and matching the tensor a BatchNorm
-    receives with the tensor a layer returned: no tracing of the model's code, works for
-    Sequential, ResNet-style and functional-style models alike.
+    Read off the same module calls as :func:`share_ranges` (one eval forward of ``example``): a
+    BatchNorm that consumed exactly the tensor a layer returned, unchanged in place, pairs with it.
     """
-    produced: dict[int, tuple[str, Tensor]] = {}  # keeps the outputs alive: ids are not reused
+    consumers, last = _module_calls(model, example)
+    modules = dict(model.named_modules())
     pairs: dict[str, str] = {}
-    bns = {name: m for name, m in model.named_modules() if isinstance(m, BN_TYPES)}
-    handles = []
-    for name, layer in layers.items():
-        handles.append(layer.register_forward_hook(lambda m, a, out, n=name: produced.__setitem__(id(out), (n, out))))
-    for name, bn in bns.items():
-
-        def seen(m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
-            source = produced.get(id(args[0]))
-            if source is not None and source[1] is args[0] and source[0] not in pairs:
-                pairs[source[0]] = n
-
-        handles.append(bn.register_forward_pre_hook(seen))
-    _run_eval(model, example, handles)
+    for name in layers:
+        produced = last.get(name)
+        if produced is None or produced.result is None:
+            continue
+        for call in consumers.get(id(produced.result), []):
+            if call.version == produced.result_version and isinstance(modules[call.name], BN_TYPES):
+                pairs[name] = call.name
+                break
     return pairs

@@ -81,6 +81,7 @@ class QuantizationAwareTraining(Callback):
         self._state_key_suffix = state_key_suffix
         self._linked = False
         self._folded_bns: list[nn.Module] = []
+        self._now = self._phase(0)
 
     @property
     @override
@@ -125,7 +126,7 @@ class QuantizationAwareTraining(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._link(pl_module, batch)
-        if self._phase(trainer.current_epoch)["bn_frozen"]:
+        if self._now["bn_frozen"]:
             for bn in self._folded_bns:  # Lightning puts the model back in train mode every epoch
                 bn.eval()
 
@@ -150,21 +151,20 @@ class QuantizationAwareTraining(Callback):
     # -- phases ------------------------------------------------------------------------------------
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        phase = self._phase(trainer.current_epoch)
-        core.enable(pl_module, phase["enabled"])
-        core.freeze_observers(pl_module, phase["observers_frozen"])
+        self._now = self._phase(trainer.current_epoch)  # read on every step: computed once an epoch
+        core.enable(pl_module, self._now["enabled"])
+        core.freeze_observers(pl_module, self._now["observers_frozen"])
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        phase = self._phase(trainer.current_epoch)
-        if phase["enabled"] and not phase["observers_frozen"]:
+        if self._now["enabled"] and not self._now["observers_frozen"]:
             core.sync_observers(pl_module)  # every rank ends each step with the same ranges
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        phase = self._phase(trainer.current_epoch)
+        phase = self._now
         widths = [high - low for low, high in core.observer_ranges(pl_module).values() if high >= low]
         figures = {
             "qat/enabled": float(phase["enabled"]),
