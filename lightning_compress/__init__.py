@@ -1,6 +1,6 @@
 """lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``."""
 
-from lightning_compress.callbacks import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.callbacks import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.data import (
     DigitsDataModule,
     ImageFolderDataModule,
@@ -21,6 +21,7 @@ __all__ = [
     "CompressionConfigError",
     "DigitsDataModule",
     "ImageFolderDataModule",
+    "KnowledgeDistillation",
     "MNIST5kDataModule",
     "MagnitudePruning",
     "QuantizationAwareTraining",

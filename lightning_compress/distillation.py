@@ -110,8 +110,11 @@ def resolve_module(model: nn.Module, name: str, role: str) -> nn.Module:
 
 
 @contextmanager
-def capture(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-    """Record each module's output while the ``with`` block runs (forward hooks, removed after).
+def capture(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Any]]:
+    """Record each module's first output while the ``with`` block runs (forward hooks, removed after).
+
+    The first call counts: a module called twice in a step (a second view, a shared block) is
+    matched by what it returned first.
 
     Example::
 
@@ -119,12 +122,11 @@ def capture(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
             model(x)
         seen["features"]  # the tensor features returned
     """
-    seen: dict[str, Tensor] = {}
+    seen: dict[str, Any] = {}
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                seen[name] = output
+            seen.setdefault(name, output)
 
         return record
 
@@ -134,6 +136,32 @@ def capture(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def logits_of(output: Any, role: str = "student") -> Tensor:
+    """The logits in a model's output, by the documented default.
+
+    A tensor is the logits; otherwise the ``"logits"`` key of a mapping, the ``logits`` attribute
+    (Hugging Face style outputs), or the first element of a tuple or list.
+
+    Raises:
+        CompressionConfigError: none of those is a tensor (pass ``logits_fn``).
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        found = output.get("logits")
+    elif isinstance(output, (tuple, list)) and output:
+        found = output[0]
+    else:
+        found = getattr(output, "logits", None)
+    if isinstance(found, Tensor):
+        return found
+    raise CompressionConfigError(
+        f"cannot find the {role}'s logits in an output of type {type(output).__name__}: expected a tensor, a "
+        "mapping with a 'logits' key, an object with a `logits` attribute, or a tuple whose first element is "
+        "the logits. HINT: pass `logits_fn` (or `teacher_logits_fn`) to pick them out"
+    )
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:

@@ -1,7 +1,9 @@
-"""Run by the DDP tests: MagnitudePruning + QuantizationAwareTraining under DDP, 2 CPU processes (gloo).
+"""Run by the DDP tests: MagnitudePruning + QuantizationAwareTraining + KnowledgeDistillation (with a
+feature adapter) under DDP, 2 CPU processes (gloo).
 
-Every rank records its masks after every mask update, and its observer ranges after every step
-once QAT is on, and saves them to OUT/rank<r>.pt. Usage: python tests/ddp_run.py OUT
+Every rank records its masks after every mask update, its observer ranges after every step once
+QAT is on, and at the end its weights, the KD adapter's weights and what DDP syncs, and saves them
+to OUT/rank<r>.pt. Usage: python tests/ddp_run.py OUT
 """
 
 import sys
@@ -12,14 +14,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.quantization import observer_ranges
 from tests.helpers import TinyModule, loaders
 
 
 class Recorder(pl.Callback):
-    def __init__(self, pruning: MagnitudePruning) -> None:
+    def __init__(self, pruning: MagnitudePruning, kd: KnowledgeDistillation) -> None:
         self.pruning = pruning
+        self.kd = kd
         self.seen = -1
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.ranges: dict[int, dict[str, tuple[float, float]]] = {}
@@ -33,7 +36,17 @@ class Recorder(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         state = {k: v.clone() for k, v in pl_module.state_dict().items()}
-        payload = {"history": self.masks, "ranges": self.ranges, "weights": state}
+        synced = {id(p) for p in trainer.strategy.model.parameters()}  # what DDP's gradient sync covers
+        payload = {
+            "history": self.masks,
+            "ranges": self.ranges,
+            "weights": state,
+            "adapter": {k: v.clone() for k, v in self.kd.adapters["net.fc1"].state_dict().items()},
+            "ddp_params": len(synced),
+            "student_params": len(list(pl_module.parameters())),
+            "teacher_in_ddp": any(id(p) in synced for p in self.kd.teacher.parameters()),
+            "kd_loss": float(trainer.callback_metrics["kd/loss"]),
+        }
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 
 
@@ -41,13 +54,14 @@ if __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1)
     qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2)
+    kd = KnowledgeDistillation(TinyModule(bn=True), alpha=0.5, features={"net.fc1": "net.fc2"})
     train, val = loaders(n=128, batch_size=8)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=3,
-        callbacks=[pruning, qat, Recorder(pruning)],
+        callbacks=[pruning, qat, kd, Recorder(pruning, kd)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

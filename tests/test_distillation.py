@@ -7,6 +7,7 @@ from lightning_compress.distillation import (
     capture,
     feature_loss,
     freeze_teacher,
+    logits_of,
     make_adapter,
     resolve_module,
     response_kd_loss,
@@ -76,6 +77,24 @@ def test_capture_records_outputs_and_removes_its_hooks():
         net(torch.randn(3, 1, 8, 8))
     assert seen["conv2"].shape == (3, 8, 8, 8) and seen["fc1"].shape == (3, 16)
     assert not net.conv2._forward_hooks
+    with capture({"fc1": net.fc1}) as seen:
+        net(torch.randn(3, 1, 8, 8))
+        net(torch.randn(5, 1, 8, 8))
+    assert seen["fc1"].shape == (3, 16)  # the first call counts
+
+
+class Output:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+def test_logits_of_finds_the_documented_defaults():
+    z = torch.randn(2, 3)
+    for output in (z, {"logits": z, "aux": 1}, (z, torch.zeros(1)), [z], Output(z)):
+        assert logits_of(output) is z
+    for bad in ({"scores": z}, ("text", z), 3, Output("no")):
+        with pytest.raises(CompressionConfigError, match=r"cannot find the teacher's logits.*HINT: pass `logits_fn`"):
+            logits_of(bad, "teacher")
 
 
 def test_freeze_teacher():

@@ -18,6 +18,27 @@ def test_prune_your_model_example():
     assert figures["val_acc"] > 0.5
 
 
+def test_distill_to_lightweight_example():
+    example = runpy.run_path(str(ROOT / "examples" / "distill_to_lightweight.py"), run_name="example")
+    args = ["--data", "digits", "--teacher", "cnn_small", "--teacher-epochs", "2", "--epochs", "2"]
+    figures = example["main"](args)
+    assert figures["student_params"] < 0.1 * figures["teacher_params"]
+    assert figures["teacher_acc"] > 0.5 and figures["student_acc"] > 0.2 and figures["kd_loss"] > 0
+
+
+@pytest.mark.slow
+def test_distillation_benchmark_smoke(tmp_path):
+    args = ["--data", "digits", "--teacher-epochs", "1", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "distillation.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| response + feature KD |" in done.stdout and "epoch time ratio" in done.stdout
+    saved = json.loads((tmp_path / "distillation.json").read_text())
+    assert set(saved["runs"][0]) == {"alone", "response KD", "response + feature KD"}
+
+
 @pytest.mark.slow
 def test_pruning_benchmark_smoke(tmp_path):
     args = [

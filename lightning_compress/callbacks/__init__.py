@@ -1,6 +1,7 @@
 """Thin Lightning callbacks, one per technique, built on the functional cores."""
 
+from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.pruning import MagnitudePruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 
-__all__ = ["MagnitudePruning", "QuantizationAwareTraining"]
+__all__ = ["KnowledgeDistillation", "MagnitudePruning", "QuantizationAwareTraining"]

@@ -1,0 +1,387 @@
+"""``KnowledgeDistillation``: a frozen teacher teaches the student inside an ordinary ``lightning.Trainer``.
+
+The callback only decides *where* the losses meet; they come from :mod:`lightning_compress.distillation`.
+The user's ``training_step`` stays as written: for the length of a fit the callback wraps it on
+the instance, watches the module's output with a forward hook, runs the teacher on the same batch
+and returns ``(1 - alpha) * task + alpha * KD (+ feature_weight * feature loss)`` in its place.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress import distillation as core
+from lightning_compress.callbacks.common import batch_input, distributed, is_number
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+from lightning_compress.surgery import add_param_group
+
+_WRAPPED = "_lightning_compress_kd_original"  # marks a training_step wrapped by this callback
+
+
+class KnowledgeDistillation(Callback):
+    """Distil a frozen teacher into the module being trained: response KD and, optionally, feature KD.
+
+    Response KD (Hinton et al. 2015): ``KL(softmax(t/T) || softmax(s/T)) * T**2`` mixed with the
+    loss your ``training_step`` returns as ``(1 - alpha) * task + alpha * KD``. Feature KD adds
+    ``feature_weight`` times the mean distance between matched layers' outputs; where a student
+    layer's output has another width than the teacher's, a learned adapter (1x1 conv or linear)
+    bridges them. Adapters train with the first optimizer (a parameter group added when they are
+    built, same hyper-parameters as group 0), live in this callback's checkpoint state, never in
+    the model, so nothing of them is exported.
+
+    Defaults that find what the callback needs, with the argument that overrides each:
+
+    * the teacher's input is the first element of a tuple/list batch, the ``"input"`` key of a
+      dict batch, or the batch tensor (``input_fn(batch)``);
+    * the student's logits are the output of the module's first call in ``training_step``
+      (``self(x)``) — a tensor, or the ``logits`` key/attribute, or the first element of a tuple
+      (``logits_fn(output)``; ``logits_module`` names a submodule to read instead, for a step that
+      calls ``self.net(x)``); the teacher's logits by the same rule from its output
+      (``teacher_logits_fn``).
+
+    The teacher is frozen (eval mode, no gradients, run under ``no_grad``), moved to the student's
+    device and dtype when fit starts, kept on this callback (so it is never in the optimizer, in
+    DDP's gradient sync or in the model's checkpoint; ``save_teacher=True`` puts its weights in the
+    callback state).
+
+    Logged every epoch (means over its steps): ``kd/loss`` (what the optimizer minimised),
+    ``kd/task_loss`` (what ``training_step`` returned), ``kd/response_loss`` and, with
+    ``features``, ``kd/feature_loss``.
+
+    Args:
+        teacher: an ``nn.Module`` / ``LightningModule``, or the path of a checkpoint: a checkpoint
+            written by this package's ``ClassificationModule`` loads as is; otherwise give
+            ``teacher_class`` (a ``LightningModule`` class for a Lightning checkpoint, or an
+            ``nn.Module`` class built without arguments for a plain state-dict file).
+        temperature: softmax temperature ``T`` (> 0).
+        alpha: weight of the KD term, in ``[0, 1]``.
+        features: ``{"student.layer": "teacher.layer"}`` pairs for feature KD.
+        feature_loss: ``mse`` or ``cosine``.
+        feature_weight: weight of the feature term (>= 0).
+        input_fn: ``batch -> teacher input``.
+        logits_fn: ``student output -> logits``.
+        teacher_logits_fn: ``teacher output -> logits``; default the same rule as the student's.
+        logits_module: name of the student submodule whose output holds the logits; default the
+            LightningModule itself.
+        teacher_class: the teacher's class when ``teacher`` is a path.
+        save_teacher: also keep the teacher's weights in the callback's checkpoint state.
+        state_key_suffix: tells two instances apart in a checkpoint.
+
+    Raises:
+        CompressionConfigError: an argument of the wrong type or out of range, or an unreadable
+            teacher checkpoint (at construction); manual optimisation, a teacher that shares
+            parameters with the student, or a named layer that does not exist (at setup);
+            teacher and student logits of different shapes (at the first step).
+
+    Example::
+
+        teacher = ClassificationModule.load_from_checkpoint("wide.ckpt")
+        kd = KnowledgeDistillation(teacher, temperature=4.0, alpha=0.9, features={"model.features": "model.features"})
+        Trainer(max_epochs=10, callbacks=[kd]).fit(ClassificationModule("cnn_tiny"), datamodule)
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | str | os.PathLike[str],
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        features: Mapping[str, str] | None = None,
+        feature_loss: str = "mse",
+        feature_weight: float = 1.0,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        logits_fn: Callable[[Any], Tensor] | None = None,
+        teacher_logits_fn: Callable[[Any], Tensor] | None = None,
+        logits_module: str | None = None,
+        teacher_class: type[nn.Module] | None = None,
+        save_teacher: bool = False,
+        state_key_suffix: str = "",
+    ) -> None:
+        if not is_number(temperature) or not temperature > 0:
+            raise config_error("temperature", "a number > 0", temperature)
+        if not is_number(alpha) or not 0.0 <= alpha <= 1.0:
+            raise config_error("alpha", "a number in [0, 1]", alpha)
+        if features is not None and not (
+            isinstance(features, Mapping) and all(isinstance(name, str) for pair in features.items() for name in pair)
+        ):
+            raise config_error("features", "a mapping of student layer names to teacher layer names, or None", features)
+        if feature_loss not in core.FEATURE_LOSSES:
+            hint = did_you_mean(str(feature_loss), core.FEATURE_LOSSES)
+            raise config_error("feature_loss", one_of(core.FEATURE_LOSSES), feature_loss, hint)
+        if not is_number(feature_weight) or feature_weight < 0:
+            raise config_error("feature_weight", "a number >= 0", feature_weight)
+        for name, fn in (("input_fn", input_fn), ("logits_fn", logits_fn), ("teacher_logits_fn", teacher_logits_fn)):
+            if fn is not None and not callable(fn):
+                raise config_error(name, "a callable or None", fn)
+        if logits_module is not None and not isinstance(logits_module, str):
+            raise config_error("logits_module", "a submodule name or None", logits_module)
+        if not isinstance(save_teacher, bool):
+            raise config_error("save_teacher", "True or False", save_teacher)
+        self.teacher = teacher if isinstance(teacher, nn.Module) else load_teacher(teacher, teacher_class)
+        core.freeze_teacher(self.teacher)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.features = dict(features or {})
+        self.feature_loss = feature_loss
+        self.feature_weight = float(feature_weight)
+        self.input_fn = input_fn
+        self.logits_fn = logits_fn
+        self.teacher_logits_fn = teacher_logits_fn
+        self.logits_module = logits_module
+        self.save_teacher = save_teacher
+        self._state_key_suffix = state_key_suffix
+        # Run state: adapters (and their shapes) are what a checkpoint keeps.
+        self.adapters: dict[str, nn.Module] = {}
+        self._shapes: dict[str, tuple[list[int], list[int]]] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._schedulers: list[Any] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(suffix=self._state_key_suffix)
+
+    # -- set-up: check the pair early, wrap the training step for the length of the fit -----------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _unwrap(pl_module)  # an interrupted fit may have left a wrapper behind
+        if stage != "fit":
+            return
+        if sum(isinstance(c, KnowledgeDistillation) for c in trainer.callbacks) > 1:  # type: ignore[attr-defined]
+            raise CompressionConfigError(
+                "only one KnowledgeDistillation callback can train a module. HINT: for several teachers, pass one "
+                "nn.Module that runs them all and returns their averaged logits"
+            )
+        if not pl_module.automatic_optimization:
+            raise CompressionConfigError(
+                f"KnowledgeDistillation needs automatic optimization, but {type(pl_module).__name__} sets "
+                "`automatic_optimization = False`: its training_step steps the optimizer itself, so the callback "
+                "cannot add the KD loss. HINT: call lightning_compress.distillation.response_kd_loss in your step"
+            )
+        student_params = {id(p) for p in pl_module.parameters()}
+        if any(id(p) in student_params for p in self.teacher.parameters()):
+            raise CompressionConfigError(
+                "KnowledgeDistillation's `teacher` shares parameters with the student being trained: freezing it "
+                "would freeze the student. HINT: pass a separate copy (copy.deepcopy) or a checkpoint path"
+            )
+        student_layers = {name: core.resolve_module(pl_module, name, "student") for name in self.features}
+        teacher_layers = {name: core.resolve_module(self.teacher, t, "teacher") for name, t in self.features.items()}
+        output: nn.Module = pl_module
+        if self.logits_module is not None:
+            output = core.resolve_module(pl_module, self.logits_module, "student")
+        self.adapters, self._shapes = {}, {}  # a resumed run rebuilds them in load_state_dict, next
+        self._optimizer, self._schedulers = None, []
+        original = pl_module.training_step
+        step = functools.partial(self._training_step, pl_module, original, output, student_layers, teacher_layers)
+        setattr(pl_module, _WRAPPED, original)
+        pl_module.training_step = functools.update_wrapper(step, original)  # type: ignore[method-assign]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        floats = [p for p in pl_module.parameters() if p.is_floating_point()]
+        dtype = floats[0].dtype if floats else torch.get_default_dtype()
+        self.teacher.to(device=pl_module.device, dtype=dtype)
+        core.freeze_teacher(self.teacher)
+        self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        configs = trainer.lr_scheduler_configs
+        self._schedulers = [c.scheduler for c in configs if c.scheduler.optimizer is self._optimizer]
+        if self.adapters:  # restored from a checkpoint: train them on, before the optimizer state loads
+            for adapter in self.adapters.values():
+                adapter.to(device=pl_module.device, dtype=dtype)
+            self._add_to_optimizer(list(self.adapters.values()))
+
+    # -- the distillation step --------------------------------------------------------------------
+    def _training_step(
+        self,
+        pl_module: pl.LightningModule,
+        original: Callable[..., Any],
+        output: nn.Module,
+        student_layers: dict[str, nn.Module],
+        teacher_layers: dict[str, nn.Module],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        with core.capture({"": output, **student_layers}) as seen:
+            result = original(*args, **kwargs)
+        if result is None:  # the step skipped this batch
+            return None
+        task = result.get("loss") if isinstance(result, Mapping) else result
+        if not isinstance(task, Tensor):
+            raise CompressionConfigError(
+                f"KnowledgeDistillation mixes its loss with what training_step returns, which must be the loss "
+                f"tensor or a dict with a 'loss' key, got {type(result).__name__}"
+            )
+        if "" not in seen:
+            where = self.logits_module or type(pl_module).__name__
+            raise CompressionConfigError(
+                f"KnowledgeDistillation did not see the student's logits: training_step never called {where!r}. "
+                "HINT: call the module as self(x), or name the submodule that produces the logits with "
+                "`logits_module` (e.g. logits_module='net')"
+            )
+        student_logits = self.logits_fn(seen[""]) if self.logits_fn else core.logits_of(seen[""], "student")
+        x = self.input_fn(batch) if self.input_fn else batch_input(batch)
+        with torch.no_grad(), core.capture(teacher_layers) as taught:
+            answer = self.teacher(x)
+        teacher_logits = self.teacher_logits_fn(answer) if self.teacher_logits_fn else core.logits_of(answer, "teacher")
+        kd = core.response_kd_loss(student_logits, teacher_logits, self.temperature)
+        total = (1 - self.alpha) * task + self.alpha * kd
+        size = len(student_logits)
+        figures = {"kd/task_loss": task.detach(), "kd/response_loss": kd.detach()}
+        if self.features:
+            features = self._feature_loss(seen, taught)
+            total = total + self.feature_weight * features
+            figures["kd/feature_loss"] = features.detach()
+        figures["kd/loss"] = total.detach()
+        pl_module.log_dict(figures, on_step=False, on_epoch=True, batch_size=size)  # epoch means, as `kd/*`
+        return {**result, "loss": total} if isinstance(result, Mapping) else total
+
+    def _feature_loss(self, seen: dict[str, Any], taught: dict[str, Any]) -> Tensor:
+        losses = []
+        for name, teacher_name in self.features.items():
+            student, teacher = seen.get(name), taught.get(name)
+            for role, layer, value in (("student", name, student), ("teacher", teacher_name, teacher)):
+                if not isinstance(value, Tensor):
+                    raise CompressionConfigError(
+                        f"KnowledgeDistillation feature pair {name!r} -> {teacher_name!r}: the {role} layer {layer!r} "
+                        f"returned {type(value).__name__} in this step, not a tensor. HINT: name a layer that runs "
+                        "in forward and returns one tensor"
+                    )
+            assert isinstance(student, Tensor) and isinstance(teacher, Tensor)
+            adapter = self.adapters.get(name)
+            if adapter is None:
+                try:
+                    adapter = self._build_adapter(name, student, teacher)
+                except CompressionConfigError as error:
+                    raise CompressionConfigError(f"feature pair {name!r} -> {teacher_name!r}: {error}") from None
+            losses.append(core.feature_loss(adapter(student), teacher, self.feature_loss))
+        return torch.stack(losses).mean()
+
+    def _build_adapter(self, name: str, student: Tensor, teacher: Tensor) -> nn.Module:
+        adapter = core.make_adapter(student.shape, teacher.shape).to(device=student.device, dtype=student.dtype)
+        if distributed():  # every rank starts from rank zero's initialisation
+            for tensor in adapter.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        self.adapters[name] = adapter
+        self._shapes[name] = (list(student.shape), list(teacher.shape))
+        if any(True for _ in adapter.parameters()):
+            self._add_to_optimizer([adapter])
+            rank_zero_info(f"KnowledgeDistillation: adapter {name}: {tuple(student.shape)} -> {tuple(teacher.shape)}")
+        return adapter
+
+    def _add_to_optimizer(self, adapters: list[nn.Module]) -> None:
+        params = [p for adapter in adapters for p in adapter.parameters()]
+        if params and self._optimizer is not None:
+            add_param_group(self._optimizer, params, self._schedulers)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not distributed() or optimizer is not self._optimizer:
+            return
+        world = dist.get_world_size()
+        for adapter in self.adapters.values():  # outside DDP's module: average their gradients here
+            for param in adapter.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad /= world
+
+    # -- end of fit and checkpoint state ---------------------------------------------------------
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _unwrap(pl_module)
+        self._optimizer, self._schedulers = None, []
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        _unwrap(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "adapters": {
+                name: {"student_shape": s, "teacher_shape": t, "state": self.adapters[name].state_dict()}
+                for name, (s, t) in self._shapes.items()
+            },
+        }
+        if self.save_teacher:
+            state["teacher"] = self.teacher.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.adapters, self._shapes = {}, {}
+        for name, saved in state_dict.get("adapters", {}).items():
+            shapes = (list(saved["student_shape"]), list(saved["teacher_shape"]))
+            adapter = core.make_adapter(torch.Size(shapes[0]), torch.Size(shapes[1]))
+            adapter.load_state_dict(saved["state"])
+            self.adapters[name], self._shapes[name] = adapter, shapes
+        if "teacher" in state_dict:
+            self.teacher.load_state_dict(state_dict["teacher"])
+
+
+def _unwrap(pl_module: pl.LightningModule) -> None:
+    """Give the module its own ``training_step`` back."""
+    if _WRAPPED in pl_module.__dict__:
+        del pl_module.__dict__[_WRAPPED]
+        pl_module.__dict__.pop("training_step", None)
+
+
+def load_teacher(path: str | os.PathLike[str], teacher_class: type[nn.Module] | None = None) -> nn.Module:
+    """Load a teacher from a checkpoint file.
+
+    Args:
+        path: a Lightning checkpoint, or a plain state-dict file for an ``nn.Module`` class.
+        teacher_class: ``None`` for a checkpoint of this package's ``ClassificationModule``; a
+            ``LightningModule`` class (``load_from_checkpoint``); or an ``nn.Module`` class built
+            with no arguments that loads the file as its state dict.
+
+    Raises:
+        CompressionConfigError: no such file, a class of the wrong kind, or a file that does not load.
+    """
+    if teacher_class is not None and not (isinstance(teacher_class, type) and issubclass(teacher_class, nn.Module)):
+        raise config_error("teacher_class", "an nn.Module or LightningModule class, or None", teacher_class)
+    if not isinstance(path, (str, os.PathLike)):
+        raise config_error("teacher", "an nn.Module, a LightningModule or the path of a checkpoint file", path)
+    file = Path(path)
+    if not file.is_file():
+        raise config_error("teacher", "an nn.Module, a LightningModule or the path of a checkpoint file", str(path),
+                           "no such file")  # fmt: skip
+    try:
+        if teacher_class is not None and issubclass(teacher_class, pl.LightningModule):
+            return teacher_class.load_from_checkpoint(file, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        if teacher_class is not None:
+            model = teacher_class()
+            state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+            model.load_state_dict(state)
+            return model
+        from lightning_compress.module import ClassificationModule
+
+        hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        if not isinstance(hparams.get("model"), str):
+            raise CompressionConfigError(
+                f"the teacher checkpoint {str(path)!r} was not written by lightning_compress's ClassificationModule "
+                "with a named model. HINT: pass `teacher_class` (your LightningModule or nn.Module class)"
+            )
+        return ClassificationModule.load_from_checkpoint(file, map_location="cpu", weights_only=True)
+    except CompressionConfigError:
+        raise
+    except Exception as error:  # torch.load and load_state_dict raise many kinds: name the file and the cause
+        raise CompressionConfigError(
+            f"cannot read the teacher checkpoint {str(path)!r}: {type(error).__name__}: {str(error)[:300]}"
+        ) from error
