@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_compress.data import get_datamodule
+from lightning_compress.measure import ort_accuracy, ort_latency_ms
 from lightning_compress.module import ClassificationModule
 
 RESULTS = Path(__file__).parent / "results"
@@ -110,3 +111,28 @@ def save(name: str, payload: Any, directory: Path = RESULTS) -> Path:
 
 
 Arm = Callable[[int], tuple[float, float, float]]
+
+
+def ort_figures(
+    paths: dict[str, Path], runs: int, rounds: int, spinning: Sequence[bool] = (True, False), data: str = "mnist5k"
+) -> dict[str, dict[str, float]]:
+    """Per file: validation accuracy on ``data``, bytes, and batch-64 latency (``latency_ms_spin1`` with
+    ONNX Runtime's thread spinning on, ``latency_ms_spin0`` off).
+
+    Latency is measured in ``rounds`` interleaved rounds (every file once per round, one session
+    alive at a time), each the median of ``runs`` calls; the figure is the median over rounds.
+    """
+    dm = get_datamodule(data, batch_size=250)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))[0][:64]
+    figures = {
+        arm: {"bytes": float(p.stat().st_size), "acc": ort_accuracy(p, dm.val_dataloader())} for arm, p in paths.items()
+    }
+    for spin in spinning:
+        samples: dict[str, list[float]] = {arm: [] for arm in paths}
+        for _ in range(rounds):
+            for arm, path in paths.items():
+                samples[arm].append(ort_latency_ms(path, batch, runs, spinning=spin))
+        for arm in paths:
+            figures[arm][f"latency_ms_spin{int(spin)}"] = statistics.median(samples[arm])
+    return figures

@@ -32,7 +32,8 @@ ARMS = ("alone", "response KD", "response + feature KD")
 def callbacks(arm: str, teacher: Any, args: argparse.Namespace) -> list[Any]:
     if arm == "alone":
         return []
-    features = {"model.features": "model.features"} if arm == "response + feature KD" else None
+    student_layer, _, teacher_layer = args.features.partition("=")
+    features = {student_layer: teacher_layer} if arm == "response + feature KD" else None
     teacher = copy.deepcopy(teacher)
     return [KnowledgeDistillation(teacher, args.temperature, args.alpha, features, feature_weight=args.feature_weight)]
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--feature-weight", type=float, default=1.0)
+    parser.add_argument("--features", default="model.features=model.features", help="STUDENT_LAYER=TEACHER_LAYER")
     parser.add_argument("--constant-lr", action="store_true", help="no cosine annealing (final-epoch noise is larger)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
     args = parser.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"\n{args.student} ({params['student']:,} params) taught by {args.teacher} ({params['teacher']:,} params, "
         f"{100 * teacher_acc:.2f}%) on {args.data}, {args.epochs} epochs, {args.seeds} seeds, "
-        f"T={args.temperature}, alpha={args.alpha}, feature_weight={args.feature_weight}, "
+        f"T={args.temperature}, alpha={args.alpha}, features {args.features} (weight {args.feature_weight}), "
         f"{'constant LR' if args.constant_lr else 'cosine LR'}\n"
     )
     print(table)

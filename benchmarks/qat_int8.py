@@ -27,14 +27,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from common import RESULTS, EpochTimer, markdown, save
+from common import RESULTS, EpochTimer, markdown, ort_figures, save
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lightning_compress import ClassificationModule, QuantizationAwareTraining, export_onnx, get_datamodule
 from lightning_compress import quantization as q
 from lightning_compress.dataflow import find_bn_pairs
-from lightning_compress.measure import ort_accuracy, ort_latency_ms
 
 
 def train(module: pl.LightningModule, epochs: int, seed: int, callbacks: list[pl.Callback]) -> float:
@@ -62,28 +61,6 @@ class Reader(CalibrationDataReader):
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
-
-
-def ort_figures(paths: dict[str, Path], runs: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Per file: validation accuracy, bytes, and batch-64 latency with thread spinning on and off.
-
-    Latency is measured in ``rounds`` interleaved rounds (every file once per round, one session
-    alive at a time), each the median of ``runs`` calls; the figure is the median over rounds.
-    """
-    dm = get_datamodule("mnist5k", batch_size=250)
-    dm.setup("fit")
-    batch = next(iter(dm.val_dataloader()))[0][:64]
-    figures = {
-        arm: {"bytes": float(p.stat().st_size), "acc": ort_accuracy(p, dm.val_dataloader())} for arm, p in paths.items()
-    }
-    for spinning in (True, False):
-        samples: dict[str, list[float]] = {arm: [] for arm in paths}
-        for _ in range(rounds):
-            for arm, path in paths.items():
-                samples[arm].append(ort_latency_ms(path, batch, runs, spinning=spinning))
-        for arm in paths:
-            figures[arm][f"latency_ms_spin{int(spinning)}"] = statistics.median(samples[arm])
-    return figures
 
 
 def ptq_ours(fp32: ClassificationModule, images: np.ndarray, bits: int) -> torch.nn.Module:

@@ -1,6 +1,11 @@
 """lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``."""
 
-from lightning_compress.callbacks import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.callbacks import (
+    KnowledgeDistillation,
+    LowRankFactorization,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
 from lightning_compress.data import (
     DigitsDataModule,
     ImageFolderDataModule,
@@ -13,6 +18,7 @@ from lightning_compress.measure import summarize
 from lightning_compress.models import build_model
 from lightning_compress.module import ClassificationModule
 from lightning_compress.pruning import fold_masks, prune
+from lightning_compress.restore import restore
 
 __version__ = "0.1.0"
 
@@ -22,6 +28,7 @@ __all__ = [
     "DigitsDataModule",
     "ImageFolderDataModule",
     "KnowledgeDistillation",
+    "LowRankFactorization",
     "MNIST5kDataModule",
     "MagnitudePruning",
     "QuantizationAwareTraining",
@@ -30,5 +37,6 @@ __all__ = [
     "fold_masks",
     "get_datamodule",
     "prune",
+    "restore",
     "summarize",
 ]

@@ -1,5 +1,5 @@
 """Run by the DDP tests: MagnitudePruning + QuantizationAwareTraining + KnowledgeDistillation (with a
-feature adapter) under DDP, 2 CPU processes (gloo).
+feature adapter) + LowRankFactorization (at epoch 1, mid pruning ramp) under DDP, 2 CPU processes (gloo).
 
 Every rank records its masks after every mask update, its observer ranges after every step once
 QAT is on, and at the end its weights, the KD adapter's weights and what DDP syncs, and saves them
@@ -14,15 +14,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_compress import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
-from lightning_compress.quantization import observer_ranges
+from lightning_compress import (
+    KnowledgeDistillation,
+    LowRankFactorization,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
+from lightning_compress.quantization import observer_ranges, quantized_layers
 from tests.helpers import TinyModule, loaders
 
 
 class Recorder(pl.Callback):
-    def __init__(self, pruning: MagnitudePruning, kd: KnowledgeDistillation) -> None:
+    def __init__(self, pruning: MagnitudePruning, kd: KnowledgeDistillation, lowrank: LowRankFactorization) -> None:
         self.pruning = pruning
         self.kd = kd
+        self.lowrank = lowrank
         self.seen = -1
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.ranges: dict[int, dict[str, tuple[float, float]]] = {}
@@ -46,6 +52,13 @@ class Recorder(pl.Callback):
             "student_params": len(list(pl_module.parameters())),
             "teacher_in_ddp": any(id(p) in synced for p in self.kd.teacher.parameters()),
             "kd_loss": float(trainer.callback_metrics["kd/loss"]),
+            "bypassed": [
+                f"{name}.{attr}"
+                for name, layer in quantized_layers(pl_module).items()
+                for attr in ("input_quant", "output_quant")
+                if getattr(layer, attr).bypass
+            ],
+            "factorized": {name: list(f["ranks"]) for name, f in self.lowrank.factorized.items()},
         }
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 
@@ -55,13 +68,14 @@ if __name__ == "__main__":
     pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1)
     qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2)
     kd = KnowledgeDistillation(TinyModule(bn=True), alpha=0.5, features={"net.fc1": "net.fc2"})
+    lowrank = LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"])
     train, val = loaders(n=128, batch_size=8)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=3,
-        callbacks=[pruning, qat, kd, Recorder(pruning, kd)],
+        callbacks=[pruning, qat, kd, lowrank, Recorder(pruning, kd, lowrank)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -26,41 +26,40 @@ def test_distill_to_lightweight_example():
     assert figures["teacher_acc"] > 0.5 and figures["student_acc"] > 0.2 and figures["kd_loss"] > 0
 
 
-@pytest.mark.slow
-def test_distillation_benchmark_smoke(tmp_path):
-    args = ["--data", "digits", "--teacher-epochs", "1", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]
+def run_benchmark(script: str, args: list[str], tmp_path: Path) -> str:
+    """Run ``benchmarks/<script>`` with ``args`` (results into ``tmp_path``); return its stdout."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "distillation.py"), *args],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| response + feature KD |" in done.stdout and "epoch time ratio" in done.stdout
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_distillation_benchmark_smoke(tmp_path):
+    args = ["--data", "digits", "--teacher-epochs", "1", "--epochs", "1", "--seeds", "1"]
+    stdout = run_benchmark("distillation.py", args, tmp_path)
+    assert "| response + feature KD |" in stdout and "epoch time ratio" in stdout
     saved = json.loads((tmp_path / "distillation.json").read_text())
     assert set(saved["runs"][0]) == {"alone", "response KD", "response + feature KD"}
 
 
 @pytest.mark.slow
+def test_low_rank_benchmark_smoke(tmp_path):
+    args = ["--data", "digits", "--model", "cnn_small", "--epochs", "2", "--at", "1", "--ratios", "0.5"]
+    stdout = run_benchmark("low_rank.py", [*args, "--rounds", "1", "--runs", "3"], tmp_path)
+    assert "| ours r=0.5 |" in stdout and "| post-hoc r=0.5 |" in stdout
+    figures = json.loads((tmp_path / "low_rank.json").read_text())["figures"]
+    assert figures["ours r=0.5"]["params"] < 0.6 * figures["dense"]["params"]
+    assert figures["ours r=0.5"]["params"] == figures["post-hoc r=0.5"]["params"]
+
+
+@pytest.mark.slow
 def test_pruning_benchmark_smoke(tmp_path):
-    args = [
-        "--model",
-        "cnn_tiny",
-        "--data",
-        "digits",
-        "--epochs",
-        "1",
-        "--seeds",
-        "1",
-        "--targets",
-        "0.5",
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pruning_vs_modelpruning.py"), *args],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "| ours |" in done.stdout and "| ModelPruning (LTH) |" in done.stdout
-    assert "Interleaved timing at target 0.5" in done.stdout
+    args = ["--model", "cnn_tiny", "--data", "digits", "--epochs", "1", "--seeds", "1", "--targets", "0.5"]
+    stdout = run_benchmark("pruning_vs_modelpruning.py", args, tmp_path)
+    assert "| ours |" in stdout and "| ModelPruning (LTH) |" in stdout
+    assert "Interleaved timing at target 0.5" in stdout
     saved = json.loads((tmp_path / "pruning_vs_modelpruning.json").read_text())
     assert saved["runs"][0]["0.5/ours"]["sparsity"] > 0.49

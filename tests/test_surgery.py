@@ -3,7 +3,9 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from lightning_compress.surgery import add_param_group
+from lightning_compress.errors import CompressionConfigError
+from lightning_compress.low_rank import factorize_linear
+from lightning_compress.surgery import add_param_group, replace_modules, retarget_optimizer, swap_modules
 
 
 def make(optimizer_cls=torch.optim.SGD, **kwargs):
@@ -48,3 +50,45 @@ def test_schedulers_move_the_new_group_with_the_others(build):
     assert len(scheduler.get_last_lr()) == 2
     state = scheduler.state_dict()  # and it still saves and loads
     scheduler.load_state_dict(state)
+
+
+def test_retarget_keeps_untouched_state_and_the_order_a_fresh_optimizer_would_have():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    kept = {k: v.clone() for k, v in optimizer.state[model[2].weight].items()}
+    old = model[0]
+    new = factorize_linear(old, 2)
+    swap_modules(model, {"0": new})
+    retarget_optimizer(optimizer, {"0": (old, new)})
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    assert not any(p in optimizer.state for p in old.parameters())
+    for key, value in kept.items():
+        assert torch.equal(optimizer.state[model[2].weight][key], value)
+    fresh = torch.optim.Adam(model.parameters(), lr=0.1)
+    fresh.load_state_dict(optimizer.state_dict())  # the same layout: a checkpoint of it loads into a rebuilt run
+
+
+def test_retarget_follows_a_decay_split_and_leaves_frozen_modules_out():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3))
+    decay = [model[0].weight, model[1].weight]
+    optimizer = torch.optim.SGD([{"params": decay}, {"params": [model[0].bias], "weight_decay": 0.0}], lr=0.1)
+    old, new = model[0], factorize_linear(model[0], 2)
+    swap_modules(model, {"0": new})
+    retarget_optimizer(optimizer, {"0": (old, new)})
+    expected = [new[0].weight, new[1].weight, model[1].weight]
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in expected]
+    assert [id(p) for p in optimizer.param_groups[1]["params"]] == [id(new[1].bias)]
+    frozen, replacement = model[1], factorize_linear(model[1], 2)
+    only_first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    retarget_optimizer(only_first, {"1": (frozen, replacement)})
+    assert not any(p in set(only_first.param_groups[0]["params"]) for p in replacement.parameters())
+
+
+def test_replace_modules_refuses_other_strategies():
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(strategy=object(), optimizers=[], callbacks=[])
+    with pytest.raises(CompressionConfigError, match="single device or strategy='ddp', not object"):
+        replace_modules(fake, nn.Linear(2, 2), {})  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """Thin Lightning callbacks, one per technique, built on the functional cores."""
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
+from lightning_compress.callbacks.low_rank import LowRankFactorization
 from lightning_compress.callbacks.pruning import MagnitudePruning
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 
-__all__ = ["KnowledgeDistillation", "MagnitudePruning", "QuantizationAwareTraining"]
+__all__ = ["KnowledgeDistillation", "LowRankFactorization", "MagnitudePruning", "QuantizationAwareTraining"]

@@ -146,6 +146,9 @@ class KnowledgeDistillation(Callback):
         self._shapes: dict[str, tuple[list[int], list[int]]] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._schedulers: list[Any] = []
+        self._student_layers: dict[str, nn.Module] = {}
+        self._teacher_layers: dict[str, nn.Module] = {}
+        self._output: nn.Module | None = None
 
     @property
     @override
@@ -175,17 +178,26 @@ class KnowledgeDistillation(Callback):
                 "KnowledgeDistillation's `teacher` shares parameters with the student being trained: freezing it "
                 "would freeze the student. HINT: pass a separate copy (copy.deepcopy) or a checkpoint path"
             )
-        student_layers = {name: core.resolve_module(pl_module, name, "student") for name in self.features}
-        teacher_layers = {name: core.resolve_module(self.teacher, t, "teacher") for name, t in self.features.items()}
-        output: nn.Module = pl_module
-        if self.logits_module is not None:
-            output = core.resolve_module(pl_module, self.logits_module, "student")
+        self._find_layers(pl_module)
+        self._teacher_layers = {n: core.resolve_module(self.teacher, t, "teacher") for n, t in self.features.items()}
         self.adapters, self._shapes = {}, {}  # a resumed run rebuilds them in load_state_dict, next
         self._optimizer, self._schedulers = None, []
         original = pl_module.training_step
-        step = functools.partial(self._training_step, pl_module, original, output, student_layers, teacher_layers)
+        step = functools.partial(self._training_step, pl_module, original)
         setattr(pl_module, _WRAPPED, original)
         pl_module.training_step = functools.update_wrapper(step, original)  # type: ignore[method-assign]
+
+    def _find_layers(self, pl_module: pl.LightningModule) -> None:
+        self._student_layers = {name: core.resolve_module(pl_module, name, "student") for name in self.features}
+        self._output = pl_module
+        if self.logits_module is not None:
+            self._output = core.resolve_module(pl_module, self.logits_module, "student")
+
+    def on_modules_replaced(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
+    ) -> None:
+        """:mod:`lightning_compress.surgery` changed the student: find the named layers again (adapters stay)."""
+        self._find_layers(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -203,17 +215,11 @@ class KnowledgeDistillation(Callback):
 
     # -- the distillation step --------------------------------------------------------------------
     def _training_step(
-        self,
-        pl_module: pl.LightningModule,
-        original: Callable[..., Any],
-        output: nn.Module,
-        student_layers: dict[str, nn.Module],
-        teacher_layers: dict[str, nn.Module],
-        *args: Any,
-        **kwargs: Any,
+        self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> Any:
         batch = args[0] if args else kwargs.get("batch")
-        with core.capture({"": output, **student_layers}) as seen:
+        assert self._output is not None  # set at setup
+        with core.capture({"": self._output, **self._student_layers}) as seen:
             result = original(*args, **kwargs)
         if result is None:  # the step skipped this batch
             return None
@@ -232,7 +238,7 @@ class KnowledgeDistillation(Callback):
             )
         student_logits = self.logits_fn(seen[""]) if self.logits_fn else core.logits_of(seen[""], "student")
         x = self.input_fn(batch) if self.input_fn else batch_input(batch)
-        with torch.no_grad(), core.capture(teacher_layers) as taught:
+        with torch.no_grad(), core.capture(self._teacher_layers) as taught:
             answer = self.teacher(x)
         teacher_logits = self.teacher_logits_fn(answer) if self.teacher_logits_fn else core.logits_of(answer, "teacher")
         kd = core.response_kd_loss(student_logits, teacher_logits, self.temperature)
@@ -303,6 +309,7 @@ class KnowledgeDistillation(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _unwrap(pl_module)
         self._optimizer, self._schedulers = None, []
+        self._student_layers, self._output = {}, None  # no reference to the model outlives the fit
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -123,6 +123,7 @@ class MagnitudePruning(Callback):
         self._pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._added: list[nn.Module] = []
         self._handles: list[RemovableHandle] = []
+        self._stage = "fit"
 
     def _check_final(self, final_sparsity: float | None) -> float:
         implied = self.pattern.fixed_sparsity
@@ -155,11 +156,28 @@ class MagnitudePruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new run starts its schedule afresh; a resumed one loads its state after this
             self.last_update_step, self.current_target = -1, 0.0
+        self._stage = stage
         self._modules = self._select(pl_module)
         # Outside fit, masks are attached only so that a pruned checkpoint can load; teardown
         # removes the ones added here, so validate/test leave the model's structure as it was.
         self._added = [] if stage == "fit" else [m for m in self._modules.values() if not hasattr(m, core.WEIGHT_MASK)]
         core.attach_masks(self._modules, with_bias=self.pattern.kind == "channel")
+
+    def on_modules_replaced(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
+    ) -> None:
+        """:mod:`lightning_compress.surgery` changed the model: select again (``include``/``exclude``
+        decide whether the new layers are pruned), give new layers masks and, once pruning has
+        started, prune them at once to the current target (one global threshold over all layers)."""
+        before = set(map(id, self._modules.values()))
+        self._modules = self._select(pl_module)
+        new = {name: m for name, m in self._modules.items() if id(m) not in before}
+        if self._stage != "fit":
+            self._added += [m for m in new.values() if not hasattr(m, core.WEIGHT_MASK)]
+        core.attach_masks(new, with_bias=self.pattern.kind == "channel")
+        self._pairs = core.mask_pairs(self._modules.values())
+        if self._stage == "fit" and self.current_target > 0:
+            self.update_masks(self.current_target)
 
     def _select(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         modules = core.select_layers(pl_module, self.include, self.exclude)

@@ -82,6 +82,7 @@ class QuantizationAwareTraining(Callback):
         self._linked = False
         self._folded_bns: list[nn.Module] = []
         self._now = self._phase(0)
+        self.bn_pairs: dict[str, str] = {}  # {layer: BatchNorm} folded, by name: restore() links them again
 
     @property
     @override
@@ -105,6 +106,16 @@ class QuantizationAwareTraining(Callback):
         self._linked = False
         self._folded_bns = []
 
+    def on_modules_replaced(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
+    ) -> None:
+        """:mod:`lightning_compress.surgery` changed the model: fake-quantise the new layers (in the
+        run's current phase) and find BatchNorm pairs and shared ranges again on the next batch."""
+        core.attach(pl_module, self.config, self.include, self.exclude)
+        core.enable(pl_module, self._now["enabled"])
+        core.freeze_observers(pl_module, self._now["observers_frozen"])
+        self._linked = False
+
     def _link(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._linked:
             return
@@ -113,7 +124,8 @@ class QuantizationAwareTraining(Callback):
         layers = core.quantized_layers(pl_module)
         linked = 0
         if self.config.fold_bn:
-            linked = core.link_batchnorms(pl_module, find_bn_pairs(pl_module, layers, example))
+            self.bn_pairs = find_bn_pairs(pl_module, layers, example)
+            linked = core.link_batchnorms(pl_module, self.bn_pairs)
         self._folded_bns = core.folded_batchnorms(pl_module)
         shared = share_ranges(pl_module, example)
         rank_zero_info(
@@ -181,7 +193,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "start_epoch": self.start_epoch}
+        return {"config": self.config.to_dict(), "start_epoch": self.start_epoch, "bn_pairs": dict(self.bn_pairs)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
