@@ -315,16 +315,20 @@ def _low_rank_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, LowRank)]
 
 
-def describe(old: nn.Module, new: Any) -> Factorization:
-    """The :class:`Factorization` that turned ``old`` into the :class:`LowRank` ``new``."""
+def describe(new: Any) -> Factorization:
+    """The :class:`Factorization` a :class:`LowRank` module stands for (read off its layers' shapes)."""
+    first, last = new[0], new[-1]
+    bias = 0 if last.bias is None else last.bias.numel()
     ranks: tuple[int, ...]
-    if isinstance(old, nn.Linear):
-        kind, ranks = "linear", (new[0].out_features,)
-    elif len(new) == 2:
-        kind, ranks = "svd", (new[0].out_channels,)
+    if isinstance(first, nn.Linear):
+        kind, ranks = "linear", (first.out_features,)
+        before = first.in_features * last.out_features + bias
     else:
-        kind, ranks = "tucker2", (new[1].out_channels, new[0].out_channels)
-    return Factorization(kind, ranks, _count(old), _count(new))
+        spatial = new[1] if len(new) == 3 else first
+        kind = "tucker2" if len(new) == 3 else "svd"
+        ranks = (new[1].out_channels, first.out_channels) if len(new) == 3 else (first.out_channels,)
+        before = first.in_channels * last.out_channels * spatial.weight[0, 0].numel() + bias
+    return Factorization(kind, ranks, before, _count(new))
 
 
 def rebuild(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, tuple[nn.Module, LowRank]]:

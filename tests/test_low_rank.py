@@ -119,7 +119,7 @@ def test_rebuild_recreates_factorised_layers_from_a_state_dict():
     fresh = TinyNet()
     rebuilt = rebuild(fresh, state)
     assert set(rebuilt) == set(chosen)
-    assert {name: describe(*pair) for name, pair in rebuilt.items()} == {name: f for name, (_, f) in chosen.items()}
+    assert {name: describe(new) for name, (_, new) in rebuilt.items()} == {name: f for name, (_, f) in chosen.items()}
     fresh.load_state_dict(state)  # strict: every key and shape matches
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(fresh(x), model(x))

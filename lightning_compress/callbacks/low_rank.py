@@ -97,6 +97,13 @@ class LowRankFactorization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.factorized, self.skipped = {}, {}
+        if not any(isinstance(m, core.LowRank) for m in pl_module.modules()):  # a model not factorised yet
+            self._check_selection(pl_module)
+        self.teardown(trainer, pl_module, stage)  # one hook, on this model only
+        self._trainer = trainer
+        self._hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading)
+
+    def _check_selection(self, pl_module: nn.Module) -> None:
         layers = select_layers(pl_module, self.include, self.exclude)
         if not layers:
             raise CompressionConfigError(
@@ -106,21 +113,23 @@ class LowRankFactorization(Callback):
         smallest = {name: core.smallest_dimension(m) for name, m in layers.items()}
         if self.rank is not None and all(d <= self.rank for d in smallest.values()):
             raise config_error("rank", f"below the smallest dimension of a selected layer {smallest}", self.rank)
-        self.teardown(trainer, pl_module, stage)  # one hook, on this model only
-        self._trainer = trainer
-        self._hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading)
 
     def _rebuild_before_loading(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         rebuilt = core.rebuild(module, local)
         if rebuilt and self._trainer is not None and isinstance(module, pl.LightningModule):
-            self.factorized.update({name: core.describe(*pair).to_dict() for name, pair in rebuilt.items()})
+            self.factorized.update({name: core.describe(new).to_dict() for name, (_, new) in rebuilt.items()})
             notify(self._trainer, module, rebuilt)  # masks and fake-quant for the new layers, before their keys load
 
     # -- the factorisation ---------------------------------------------------------------------------
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch < self.epoch or self.factorized:
+            return
+        if any(isinstance(m, core.LowRank) for m in pl_module.modules()):
+            rank_zero_info("LowRankFactorization: the model is factorised already (an earlier fit); nothing to do")
+            self.factorized = {name: core.describe(m).to_dict() for name, m in pl_module.named_modules()
+                               if isinstance(m, core.LowRank)}  # fmt: skip
             return
         chosen, self.skipped = core.plan(
             pl_module, self.rank, self.ratio, self.energy, self.conv_method, self.include, self.exclude

@@ -97,6 +97,15 @@ def test_epoch_zero_and_every_conv_method():
         assert params < sum(p.numel() for p in TinyModule().parameters())
 
 
+def test_a_second_fit_of_a_factorised_model_keeps_its_structure():
+    lowrank = LowRankFactorization(epoch=0, rank=4, include=["net.fc1"])
+    _, module = fit([lowrank], max_epochs=1)
+    factorized = dict(lowrank.factorized)
+    fit([lowrank], module=module, max_epochs=1, seed=1)
+    assert isinstance(module.net.fc1, LowRank) and isinstance(module.net.fc1[0], torch.nn.Linear)
+    assert lowrank.factorized == factorized
+
+
 def test_logs_lowrank_figures(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     lowrank = LowRankFactorization(epoch=1, rank=4, include=["net.fc1"])
