@@ -1,6 +1,7 @@
 """lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``."""
 
 from lightning_compress.callbacks import (
+    CompressionExport,
     KnowledgeDistillation,
     LowRankFactorization,
     MagnitudePruning,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationModule",
     "CompressionConfigError",
+    "CompressionExport",
     "DigitsDataModule",
     "ImageFolderDataModule",
     "KnowledgeDistillation",

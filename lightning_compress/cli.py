@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_compress.errors import CompressionConfigError
 
@@ -20,7 +21,54 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--sparsity", type=float, default=0.9)
     demo.add_argument("--seed", type=int, default=0)
+    export = commands.add_parser(
+        "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
+    )
+    export.add_argument("checkpoint", help="a checkpoint of lightning_compress's ClassificationModule")
+    export.add_argument("--out", default="compressed", help="output folder (default: compressed)")
+    export.add_argument("--data", default="mnist5k", help="validation data for the checks and accuracy")
+    export.add_argument("--formats", nargs="+", default=None, help="onnx, onnx_int8, checkpoint (default: all it can)")
+    export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks")
+    export.add_argument("--no-physical", action="store_true", help="keep zero channels (no physical removal)")
     return parser
+
+
+def export_checkpoint(
+    path: str, out: str, data: str, formats: Sequence[str] | None = None, verify: bool = True, physical: bool = True
+) -> dict[str, Any]:
+    """``lightning-compress export``: rebuild the compressed model from ``path`` and write the bundle."""
+    from lightning_compress.bundle import write_bundle
+    from lightning_compress.data import get_datamodule
+    from lightning_compress.export import float_copy
+    from lightning_compress.module import ClassificationModule
+    from lightning_compress.quantization import quantized_layers
+    from lightning_compress.report import check_formats
+    from lightning_compress.restore import read_checkpoint, restore
+
+    checkpoint = read_checkpoint(path)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if not isinstance(hparams.get("model"), str):
+        raise CompressionConfigError(
+            f"`export` needs a checkpoint of lightning_compress's ClassificationModule (with a named model), and "
+            f"{path!r} has none. HINT: for your own LightningModule add CompressionExport(...) to its Trainer"
+        )
+    model = restore(ClassificationModule(**hparams), checkpoint).eval()
+    before = float_copy(ClassificationModule(**hparams))
+    datamodule = get_datamodule(data, batch_size=250)
+    datamodule.setup("fit")
+    val = [(x, y) for x, y in datamodule.val_dataloader()]
+    default = ["onnx", "checkpoint"] + (["onnx_int8"] if quantized_layers(model) else [])
+    chosen = check_formats(formats, ("onnx", "onnx_int8", "checkpoint")) if formats else default
+    if "onnx_int8" in chosen and not quantized_layers(model):
+        raise CompressionConfigError(f"{path!r} has no fake quantisation: `onnx_int8` needs a run with QAT")
+    report = write_bundle(
+        model, before, out, val[0][0][:2], val, chosen, dict(checkpoint), verify, physical, before_accuracy=False
+    )
+    after, first = report["after"], report["before"]
+    accuracy = 100 * after.get("ort_accuracy", 0.0)
+    print(f"wrote {', '.join(sorted(report['files']))} and report.json to {out}")
+    print(f"params {first['params']:,.0f} -> {after['params']:,.0f}; ONNX Runtime top-1 {accuracy:.2f}%")
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lightning_compress.demo import run_demo
 
             run_demo(args.model, args.data, args.epochs, args.sparsity, args.seed)
+        elif args.command == "export":
+            export_checkpoint(
+                args.checkpoint, args.out, args.data, args.formats, not args.no_verify, not args.no_physical
+            )
     except CompressionConfigError as err:
         print(f"lightning-compress: error: {err}", file=sys.stderr)
         return 2

@@ -99,9 +99,25 @@ def inference_copy(model: nn.Module, example_input: Tensor) -> nn.Module:
     return export
 
 
+def detached_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` without the functions set on the instance while it trains.
+
+    A callback may wrap ``training_step`` on the instance (distillation) and Lightning's DDP patches
+    ``forward``; copying those would copy the callbacks and trainer they hold.
+    """
+    patched = {k: v for k, v in vars(model).items() if callable(v) and not isinstance(v, nn.Module)}
+    for key in patched:
+        delattr(model, key)
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for key, value in patched.items():
+            setattr(model, key, value)
+
+
 def float_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with masks folded and fake quantisation removed (fp32 export)."""
-    export = copy.deepcopy(model).eval()
+    export = detached_copy(model).eval()
     fold_masks(export)
     return q.strip(export)
 
@@ -177,7 +193,8 @@ def quantize_biases(model: onnx.ModelProto) -> int:
             continue
         scale = (x_scale.astype(np.float32) * w_scale.astype(np.float32)).reshape(-1)
         scale = np.broadcast_to(scale, bias.shape).astype(np.float32) if scale.size == 1 else scale
-        ints = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        steps = np.divide(bias, scale, out=np.zeros_like(bias, dtype=np.float64), where=scale > 0)  # 0: pruned
+        ints = np.clip(np.round(steps), -(2**31), 2**31 - 1).astype(np.int32)
         base = node.input[2]
         graph.initializer.extend(
             [

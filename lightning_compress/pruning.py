@@ -173,6 +173,7 @@ def compute_masks(
     pattern: Pattern | str = "unstructured",
     scope: str = "global",
     norm: str = "l1",
+    couplings: Sequence[Sequence[str]] = (),
 ) -> dict[str, Tensor]:
     """Boolean keep-masks that prune ``target`` of the given weights by magnitude.
 
@@ -185,6 +186,10 @@ def compute_masks(
         scope: ``global`` (one threshold across all weights; channel scores are then normalised by
             fan-in) or ``layer`` (each weight pruned to ``target``). N:M is always per group.
         norm: ``l1`` or ``l2``, the channel score.
+        couplings: for ``channel``, groups of layers whose output channels are one set (e.g. the
+            convolutions feeding the same residual add, see
+            :func:`lightning_compress.structured.coupled_layers`): they share one mask, chosen by
+            their summed (mean-normalised) channel scores, and count once towards the target.
 
     Returns:
         ``{name: bool mask}``: ``True`` keeps a weight. Channel masks have shape ``(out_channels,)``.
@@ -198,8 +203,17 @@ def compute_masks(
         raise config_error("norm", one_of(NORMS), norm, did_you_mean(norm, NORMS))
     if pattern.kind == "n:m":
         return {name: _nm_mask(w, pattern, target) for name, w in weights.items()}
+    groups: list[list[str]] = []
     if pattern.kind == "channel":
         scores = {name: _channel_scores(w, norm, normalise=scope == "global") for name, w in weights.items()}
+        groups = [[n for n in group if n in scores] for group in couplings]
+        groups = [g for g in groups if len(g) > 1 and len({scores[n].numel() for n in g}) == 1]
+        for group in groups:  # one entry stands for the group
+            total = sum(scores[n] / scores[n].mean().clamp_min(1e-12) for n in group)
+            scale = torch.stack([scores[n].mean() for n in group]).mean()
+            scores[group[0]] = total / len(group) * scale
+            for name in group[1:]:
+                del scores[name]
     else:
         scores = {name: w.detach().abs().reshape(-1).float() for name, w in weights.items()}
     if scope == "layer":
@@ -207,6 +221,9 @@ def compute_masks(
     else:
         flat_masks = _global_masks(scores, target, pattern)
     if pattern.kind == "channel":
+        for group in groups:
+            for name in group[1:]:
+                flat_masks[name] = flat_masks[group[0]].clone()
         return flat_masks
     return {name: flat_masks[name].reshape(w.shape) for name, w in weights.items()}
 

@@ -27,7 +27,12 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 QAT_STATE = "QuantizationAwareTraining"
 
 
-def _read(checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> Mapping[str, Any]:
+def read_checkpoint(checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> Mapping[str, Any]:
+    """A checkpoint file read with ``weights_only=True`` (or the mapping itself).
+
+    Raises:
+        CompressionConfigError: no such file, or not a checkpoint.
+    """
     if isinstance(checkpoint, Mapping):
         return checkpoint
     try:
@@ -72,7 +77,7 @@ def restore(
     Raises:
         CompressionConfigError: an unreadable file, or weights that do not fit ``model``.
     """
-    loaded = _read(checkpoint)
+    loaded = read_checkpoint(checkpoint)
     state = loaded.get("state_dict", loaded)
     low_rank.rebuild(model, state)
     modules = dict(model.named_modules())

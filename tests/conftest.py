@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
-    """Both ranks' records from one DDP run of tests/ddp_run.py (pruning + QAT, 2 CPU processes)."""
+    """Both ranks' records from one DDP run of tests/ddp_run.py (every callback, 2 CPU processes)."""
     out = tmp_path_factory.mktemp("ddp")
     script = Path(__file__).parent / "ddp_run.py"
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}

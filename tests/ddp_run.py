@@ -1,5 +1,6 @@
 """Run by the DDP tests: MagnitudePruning + QuantizationAwareTraining + KnowledgeDistillation (with a
-feature adapter) + LowRankFactorization (at epoch 1, mid pruning ramp) under DDP, 2 CPU processes (gloo).
+feature adapter) + LowRankFactorization (at epoch 1, mid pruning ramp) + CompressionExport under DDP,
+2 CPU processes (gloo).
 
 Every rank records its masks after every mask update, its observer ranges after every step once
 QAT is on, and at the end its weights, the KD adapter's weights and what DDP syncs, and saves them
@@ -8,6 +9,7 @@ to OUT/rank<r>.pt. Usage: python tests/ddp_run.py OUT
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_compress import (
+    CompressionExport,
     KnowledgeDistillation,
     LowRankFactorization,
     MagnitudePruning,
@@ -25,10 +28,13 @@ from tests.helpers import TinyModule, loaders
 
 
 class Recorder(pl.Callback):
-    def __init__(self, pruning: MagnitudePruning, kd: KnowledgeDistillation, lowrank: LowRankFactorization) -> None:
+    def __init__(
+        self, pruning: MagnitudePruning, kd: KnowledgeDistillation, lowrank: LowRankFactorization, export: Any
+    ) -> None:
         self.pruning = pruning
         self.kd = kd
         self.lowrank = lowrank
+        self.export = export
         self.seen = -1
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.ranges: dict[int, dict[str, tuple[float, float]]] = {}
@@ -59,6 +65,7 @@ class Recorder(pl.Callback):
                 if getattr(layer, attr).bypass
             ],
             "factorized": {name: list(f["ranks"]) for name, f in self.lowrank.factorized.items()},
+            "exported": sorted(self.export.report.get("files", {})),
         }
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 
@@ -69,13 +76,14 @@ if __name__ == "__main__":
     qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2)
     kd = KnowledgeDistillation(TinyModule(bn=True), alpha=0.5, features={"net.fc1": "net.fc2"})
     lowrank = LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"])
+    export = CompressionExport(Path(sys.argv[1]) / "export", plots=False)
     train, val = loaders(n=128, batch_size=8)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
         devices=2,
         max_epochs=3,
-        callbacks=[pruning, qat, kd, lowrank, Recorder(pruning, kd, lowrank)],
+        callbacks=[pruning, qat, kd, lowrank, export, Recorder(pruning, kd, lowrank, export)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -26,3 +26,35 @@ def test_bad_input_exits_2_with_a_message(capsys):
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "lightning_compress", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "demo" in done.stdout
+
+
+def test_export_a_checkpoint(tmp_path, capsys):
+    import json
+
+    import lightning.pytorch as pl
+
+    from lightning_compress import ClassificationModule, MagnitudePruning, QuantizationAwareTraining, get_datamodule
+
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule("cnn_tiny", 10, 1)
+    callbacks = [MagnitudePruning(0.5, pattern="channel", end_epoch=1), QuantizationAwareTraining(start_epoch=1)]
+    trainer = pl.Trainer(max_epochs=2, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=get_datamodule("digits"))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    assert main(["export", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "out"), "--data", "digits"]) == 0
+    assert "wrote checkpoint, onnx, onnx_int8 and report.json" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["structure"]["physical"] and all(c["passed"] for c in report["verification"].values())
+    assert "ort_accuracy" not in report["before"] and 0 < report["after"]["ort_accuracy"] <= 1
+
+
+def test_export_bad_input_exits_2(tmp_path, capsys):
+    (tmp_path / "x.ckpt").write_bytes(b"no")
+    assert main(["export", str(tmp_path / "x.ckpt")]) == 2
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+    import torch
+
+    torch.save({"state_dict": {}}, tmp_path / "y.ckpt")
+    assert main(["export", str(tmp_path / "y.ckpt")]) == 2
+    assert "needs a checkpoint of lightning_compress's ClassificationModule" in capsys.readouterr().err

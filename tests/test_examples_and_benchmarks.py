@@ -56,6 +56,16 @@ def test_low_rank_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_structured_export_benchmark_smoke(tmp_path):
+    args = ["--data", "digits", "--epochs", "2", "--ramp-end", "1", "--rounds", "1", "--runs", "3", "--skip-resnet"]
+    stdout = run_benchmark("structured_export.py", args, tmp_path)
+    assert "| cnn_wide: ours (CompressionExport) |" in stdout and "Torch-Pruning one-shot + FT" in stdout
+    saved = json.loads((tmp_path / "structured_export.json").read_text())["cnn_wide"]
+    assert saved["params"]["ours (CompressionExport)"] < 0.35 * saved["params"]["dense"]
+    assert all(check["passed"] for check in saved["verification"].values())
+
+
+@pytest.mark.slow
 def test_pruning_benchmark_smoke(tmp_path):
     args = ["--model", "cnn_tiny", "--data", "digits", "--epochs", "1", "--seeds", "1", "--targets", "0.5"]
     stdout = run_benchmark("pruning_vs_modelpruning.py", args, tmp_path)

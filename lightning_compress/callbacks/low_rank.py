@@ -6,6 +6,7 @@ and the swap (optimizers, schedulers, DDP, other callbacks) from :mod:`lightning
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,7 +85,7 @@ class LowRankFactorization(Callback):
         self._state_key_suffix = state_key_suffix
         self.factorized: dict[str, dict[str, Any]] = {}  # what a checkpoint keeps: {layer: kind, ranks, params}
         self.skipped: dict[str, str] = {}
-        self._trainer: pl.Trainer | None = None
+        self._trainer: weakref.ReferenceType[pl.Trainer] | None = None  # weak: the hook lives on the model
         self._hook: RemovableHandle | None = None
 
     @property
@@ -100,7 +101,7 @@ class LowRankFactorization(Callback):
         if not any(isinstance(m, core.LowRank) for m in pl_module.modules()):  # a model not factorised yet
             self._check_selection(pl_module)
         self.teardown(trainer, pl_module, stage)  # one hook, on this model only
-        self._trainer = trainer
+        self._trainer = weakref.ref(trainer)
         self._hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading)
 
     def _check_selection(self, pl_module: nn.Module) -> None:
@@ -117,9 +118,10 @@ class LowRankFactorization(Callback):
     def _rebuild_before_loading(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         rebuilt = core.rebuild(module, local)
-        if rebuilt and self._trainer is not None and isinstance(module, pl.LightningModule):
+        trainer = self._trainer() if self._trainer is not None else None
+        if rebuilt and trainer is not None and isinstance(module, pl.LightningModule):
             self.factorized.update({name: core.describe(new).to_dict() for name, (_, new) in rebuilt.items()})
-            notify(self._trainer, module, rebuilt)  # masks and fake-quant for the new layers, before their keys load
+            notify(trainer, module, rebuilt)  # masks and fake-quant for the new layers, before their keys load
 
     # -- the factorisation ---------------------------------------------------------------------------
     @override

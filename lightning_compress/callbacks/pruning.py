@@ -19,9 +19,11 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress import pruning as core
-from lightning_compress.callbacks.common import check_epoch, check_names, distributed, is_number
+from lightning_compress.callbacks.common import batch_input, check_epoch, check_names, distributed, is_number
+from lightning_compress.dataflow import find_bn_pairs
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
+from lightning_compress.structured import coupled_layers
 
 DEFAULT_SPARSITY = 0.9
 UPDATES_PER_RAMP = 16  # default: about 16 mask updates over the ramp ...
@@ -49,7 +51,10 @@ class MagnitudePruning(Callback):
         scope: ``global`` (one magnitude threshold across all selected layers) or ``layer``.
         pattern: ``unstructured``, ``N:M`` (e.g. ``2:4``, along the input dimension) or ``channel``
             (whole output channels ranked by ``norm``; the last selected layer, normally the
-            classifier, is left out unless ``include`` names it).
+            classifier, is left out unless ``include`` names it; the BatchNorm a conv feeds is
+            masked along with it, so a pruned channel outputs exactly zero, and layers feeding the
+            same residual add share one mask, so :class:`~lightning_compress.CompressionExport` can
+            remove the channels without changing the model).
         norm: channel score, ``l1`` or ``l2``.
         include: module-name patterns (``fnmatch``) to prune; default every Conv and Linear layer.
         exclude: module-name patterns to leave alone.
@@ -122,6 +127,9 @@ class MagnitudePruning(Callback):
         self._modules: dict[str, nn.Module] = {}
         self._pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._added: list[nn.Module] = []
+        self._bns: dict[str, nn.Module] = {}  # channel pattern: BatchNorms masked with their conv's channels
+        self._bn_pairs: dict[str, str] | None = None
+        self._couplings: list[list[str]] = []  # channel pattern: layers feeding one residual add share a mask
         self._handles: list[RemovableHandle] = []
         self._stage = "fit"
 
@@ -160,8 +168,12 @@ class MagnitudePruning(Callback):
         self._modules = self._select(pl_module)
         # Outside fit, masks are attached only so that a pruned checkpoint can load; teardown
         # removes the ones added here, so validate/test leave the model's structure as it was.
-        self._added = [] if stage == "fit" else [m for m in self._modules.values() if not hasattr(m, core.WEIGHT_MASK)]
+        self._bns = _batchnorms(pl_module) if self.pattern.kind == "channel" else {}
+        self._bn_pairs = None
+        candidates = [*self._modules.values(), *self._bns.values()]
+        self._added = [] if stage == "fit" else [m for m in candidates if not hasattr(m, core.WEIGHT_MASK)]
         core.attach_masks(self._modules, with_bias=self.pattern.kind == "channel")
+        core.attach_masks(self._bns, with_bias=True)  # a pruned channel's BatchNorm outputs 0, not beta
 
     def on_modules_replaced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
@@ -175,7 +187,8 @@ class MagnitudePruning(Callback):
         if self._stage != "fit":
             self._added += [m for m in new.values() if not hasattr(m, core.WEIGHT_MASK)]
         core.attach_masks(new, with_bias=self.pattern.kind == "channel")
-        self._pairs = core.mask_pairs(self._modules.values())
+        self._pairs = self._mask_pairs()
+        self._bn_pairs = None  # found again on the next batch
         if self._stage == "fit" and self.current_target > 0:
             self.update_masks(self.current_target)
 
@@ -232,7 +245,7 @@ class MagnitudePruning(Callback):
         self.schedule = self._build_schedule(trainer)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        self._pairs = core.mask_pairs(self._modules.values())
+        self._pairs = self._mask_pairs()
         core.apply_masks(self._pairs)
 
     def _after_optimizer_step(self, *_: Any) -> None:
@@ -242,6 +255,10 @@ class MagnitudePruning(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.pattern.kind == "channel" and self._bn_pairs is None:  # once a real batch is at hand
+            example = batch_input(batch)[:2]
+            self._bn_pairs = find_bn_pairs(pl_module, self._modules, example) if self._bns else {}
+            self._couplings = coupled_layers(pl_module, self._modules, example)
         step = trainer.global_step
         if self.schedule is None or step == self.last_update_step or not self.schedule.is_update_step(step):
             return
@@ -252,12 +269,19 @@ class MagnitudePruning(Callback):
     def update_masks(self, target: float) -> None:
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
         weights = {name: core.weight_of(m) for name, m in self._modules.items()}
-        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm)
+        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings)
         if distributed():
             masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
         core.set_masks(self._modules, masks)
-        core.apply_masks(self._modules.values())
+        for layer, bn in (self._bn_pairs or {}).items():
+            if bn in self._bns and masks[layer].dim() == 1:
+                for buffer in (core.WEIGHT_MASK, core.BIAS_MASK):
+                    getattr(self._bns[bn], buffer).copy_(masks[layer])
+        core.apply_masks(self._pairs if self._pairs[0] else self._mask_pairs())
         self.current_target = target
+
+    def _mask_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        return core.mask_pairs([*self._modules.values(), *self._bns.values()])
 
     # -- logging ---------------------------------------------------------------------------------
     def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
@@ -288,6 +312,7 @@ class MagnitudePruning(Callback):
         self._added = []
         self._modules = {}
         self._pairs = ([], [])
+        self._bns, self._bn_pairs, self._couplings = {}, None, []
         self.schedule = None
 
     @override
@@ -305,3 +330,8 @@ def _broadcast_mask(mask: Tensor) -> Tensor:
     as_bytes = mask.to(torch.uint8)
     dist.broadcast(as_bytes, src=0)
     return as_bytes.bool()
+
+
+def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    """Every affine BatchNorm of ``model`` (masked along with the channel they follow, if any)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}

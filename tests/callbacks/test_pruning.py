@@ -271,3 +271,39 @@ def test_figures_reach_wandb_offline(tmp_path, monkeypatch):
     assert summary["pruning/target"] == pytest.approx(0.6)
     assert list(tmp_path.rglob("run-*.wandb"))  # the offline run file was written
     logger.experiment.finish()
+
+
+def test_channel_pattern_masks_the_batchnorm_so_removal_is_exact():
+    from lightning_compress.export import float_copy
+    from lightning_compress.structured import max_abs_diff, remove_zero_channels
+
+    pruning = MagnitudePruning(final_sparsity=0.5, pattern="channel", scope="layer", end_epoch=1)
+    _, module = fit([pruning], module=TinyModule(bn=True), max_epochs=2)
+    dead = ~module.net.conv1.weight_mask.flatten(1).any(1)
+    assert int(dead.sum()) == 4
+    assert (module.net.bn1.weight[dead] == 0).all() and (module.net.bn1.bias[dead] == 0).all()
+    x = loaders()[1].dataset.tensors[0][:16]
+    smaller, info = remove_zero_channels(float_copy(module.net), x)
+    assert info["removed_channels"]["conv1"] == 4 and max_abs_diff(float_copy(module.net), smaller, x) < 1e-5
+
+
+class ResidualModule(TinyModule):
+    """A stem and a block whose output is added to the stem's: their channels are one set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.block = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x, *, scale=1.0):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.block(h))
+        return self.head(h.mean((2, 3))) * scale
+
+
+def test_channel_pattern_gives_a_residual_add_one_mask():
+    pruning = MagnitudePruning(final_sparsity=0.5, pattern="channel", scope="layer", end_epoch=1)
+    _, module = fit([pruning], module=ResidualModule(), max_epochs=2)
+    stem, block = (m.weight_mask.flatten(1).any(1) for m in (module.stem, module.block))
+    assert torch.equal(stem, block) and int(stem.sum()) == 4

@@ -1,0 +1,191 @@
+"""``CompressionExport``: at the end of ``fit``, deployable files, verified, and a report of what was bought.
+
+The callback only decides *when* (the end of fit, rank zero) and finds the data; the files,
+checks and report come from :func:`lightning_compress.bundle.write_bundle`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress import report as rep
+from lightning_compress.bundle import FORMATS, write_bundle
+from lightning_compress.errors import CompressionConfigError, config_error
+from lightning_compress.export import float_copy
+from lightning_compress.quantization import quantized_layers
+
+
+class CompressionExport(Callback):
+    """Write the compressed model as ONNX fp32, ONNX int8 QDQ and a checkpoint, verify them, and report.
+
+    At the end of ``fit``, on rank zero: masks are folded; whole zero output channels (pattern
+    ``channel``) are removed physically with Torch-Pruning's dependency graph (residual networks
+    shrink consistently; where tracing fails the masks stay, with a warning and the reason in the
+    report); the files are exported, every ONNX file is run by ONNX Runtime on a real validation
+    batch and compared with the PyTorch model (fp32: tight tolerance; int8: against the fake-quant
+    model, within two output quantisation steps) — a failed check raises
+    :class:`~lightning_compress.report.ExportVerificationError` and nothing is written. Then
+    ``report.json`` (keys documented in :mod:`lightning_compress.report`), ``report.md`` and PNG
+    plots compare the model as fit started with the exported one: params, non-zeros, MACs, bytes
+    (raw and compressed), ONNX bytes, ORT accuracy on the validation data and ORT latency.
+    Everything is written into a temporary folder inside ``dirpath`` and moved under its final
+    name only when complete. The headline figures (``export/*``) go to every logger.
+
+    Args:
+        dirpath: output folder (created).
+        formats: any of ``onnx``, ``onnx_int8``, ``checkpoint``; default all three when the trainer has
+            a ``QuantizationAwareTraining`` callback, else ``onnx`` and ``checkpoint``.
+        example_input: a batch to trace and measure with; default the module's
+            ``example_input_array`` or the first validation batch.
+        verify: run the ONNX Runtime checks.
+        physical: remove zero channels physically.
+        plots: write PNG plots (needs matplotlib).
+        val_batches: at most this many validation batches for the ORT accuracy (None: all).
+
+    Raises:
+        CompressionConfigError: an unknown format, ``onnx_int8`` without quantisation-aware
+            training, or a ``dirpath`` that cannot be written (at setup).
+
+    Example::
+
+        Trainer(callbacks=[MagnitudePruning(0.5, pattern="channel"), QuantizationAwareTraining(start_epoch=6),
+                           CompressionExport("exported/")]).fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str] = "compressed",
+        formats: Sequence[str] | None = None,
+        example_input: Tensor | None = None,
+        verify: bool = True,
+        physical: bool = True,
+        plots: bool = True,
+        val_batches: int | None = None,
+    ) -> None:
+        if not isinstance(dirpath, (str, os.PathLike)):
+            raise config_error("dirpath", "a folder path", dirpath)
+        self.formats = None if formats is None else rep.check_formats(formats, FORMATS)
+        for name, flag in (("verify", verify), ("physical", physical), ("plots", plots)):
+            if not isinstance(flag, bool):
+                raise config_error(name, "True or False", flag)
+        if example_input is not None and not isinstance(example_input, Tensor):
+            raise config_error("example_input", "a tensor batch or None", example_input)
+        if val_batches is not None and (not isinstance(val_batches, int) or val_batches < 1):
+            raise config_error("val_batches", "a positive number of batches or None", val_batches)
+        self.dirpath = Path(dirpath)
+        self.example_input = example_input
+        self.verify, self.physical, self.plots, self.val_batches = verify, physical, plots, val_batches
+        self.report: dict[str, Any] = {}
+        self._before: nn.Module | None = None
+        self._formats: list[str] = []
+
+    # -- checks before any compute -----------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+
+        qat = any(isinstance(c, QuantizationAwareTraining) for c in trainer.callbacks) or bool(  # type: ignore[attr-defined]
+            quantized_layers(pl_module)
+        )
+        self._formats = list(self.formats or (FORMATS if qat else ("onnx", "checkpoint")))
+        if "onnx_int8" in self._formats and not qat:
+            raise CompressionConfigError(
+                "CompressionExport cannot write `onnx_int8`: the run has no quantisation-aware training, so there "
+                "are no int8 scales to export. HINT: add QuantizationAwareTraining(...) to the callbacks, or drop "
+                "'onnx_int8' from `formats`"
+            )
+        if trainer.is_global_zero:
+            try:
+                self.dirpath.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=self.dirpath, prefix=".write-test-"):
+                    pass
+            except OSError as error:
+                folder = str(self.dirpath)
+                raise config_error("dirpath", "a folder this process can write", folder, str(error)) from None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._before = float_copy(pl_module).cpu() if trainer.is_global_zero else None
+
+    # -- the export ----------------------------------------------------------------------------------
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._before is None:
+            return
+        val = self._val_batches(trainer)
+        example = self._example(pl_module, val)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            checkpoint = _plain_checkpoint(trainer, pl_module)
+            report = write_bundle(
+                pl_module, self._before, self.dirpath, example, val, self._formats, checkpoint,
+                verify=self.verify, physical=self.physical, plots=self.plots,
+            )  # fmt: skip
+        finally:
+            pl_module.train(was_training)
+            self._before = None
+        self.report = report
+        self._log(trainer, report)
+        rank_zero_info(f"CompressionExport wrote {sorted(report['files'])} and report.json to {self.dirpath}")
+
+    def _val_batches(self, trainer: pl.Trainer) -> list[tuple[Tensor, Tensor]]:
+        loaders = trainer.val_dataloaders
+        if loaders is None and trainer.datamodule is not None:  # type: ignore[attr-defined]
+            try:
+                loaders = trainer.datamodule.val_dataloader()  # type: ignore[attr-defined]
+            except Exception:  # a datamodule without validation data
+                loaders = None
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        batches: list[tuple[Tensor, Tensor]] = []
+        for i, item in enumerate(loader or []):
+            if self.val_batches is not None and i >= self.val_batches:
+                break
+            if isinstance(item, (list, tuple)) and len(item) >= 2 and isinstance(item[1], Tensor):
+                batches.append((item[0].cpu(), item[1].cpu()))
+        return batches
+
+    def _example(self, pl_module: pl.LightningModule, val: list[tuple[Tensor, Tensor]]) -> Tensor:
+        for candidate in (self.example_input, pl_module.example_input_array, val[0][0] if val else None):
+            if isinstance(candidate, Tensor):
+                return candidate[:2].cpu()
+        raise CompressionConfigError(
+            "CompressionExport needs an input batch to trace the model: pass `example_input`, set the module's "
+            "`example_input_array`, or give the Trainer validation data"
+        )
+
+    def _log(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
+        before, after = report["before"], report["after"]
+        figures = {f"export/{k}": float(v) for k, v in after.items()}
+        for key in ("params", "nonzero_params", "macs", "onnx_bytes", "ort_latency_ms"):
+            if before.get(key):
+                figures[f"export/{key}_ratio"] = after[key] / before[key]
+        for logger in trainer.loggers:
+            logger.log_metrics(figures, step=trainer.global_step)
+            if type(logger).__name__ == "WandbLogger":
+                from lightning_compress.wandb_extras import log_export
+
+                log_export(logger, report, self.dirpath)
+
+
+def _plain_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """What :func:`lightning_compress.restore` reads: the state dict and the compression callbacks' state."""
+    callbacks = {}
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        state = callback.state_dict()
+        if state and not isinstance(callback, CompressionExport):
+            callbacks[callback.state_key] = state
+    hparams = dict(getattr(pl_module, "hparams", {}))
+    return {"state_dict": pl_module.state_dict(), "callbacks": callbacks, "hyper_parameters": hparams}

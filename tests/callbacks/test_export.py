@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_compress import (
+    CompressionConfigError,
+    CompressionExport,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+    bundle,
+    restore,
+)
+from lightning_compress.measure import ort_session
+from lightning_compress.report import REPORT_VERSION, ExportVerificationError
+from tests.helpers import TinyModule, fit, logged_metrics, synthetic
+
+
+def compressed_run(out, **kwargs):
+    callbacks = [
+        MagnitudePruning(final_sparsity=0.5, pattern="channel", end_epoch=1),
+        QuantizationAwareTraining(start_epoch=1),
+        CompressionExport(out, **kwargs),
+    ]
+    return fit(callbacks, module=TinyModule(bn=True), max_epochs=3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"formats": ["onnx", "tflite"]}, r"`formats` must be a list of formats, each one of 'onnx', .* got 'tflite'"),
+        ({"formats": []}, r"`formats` must name at least one of"),
+        ({"verify": "yes"}, "`verify` must be True or False, got 'yes'"),
+        ({"example_input": [1, 2]}, r"`example_input` must be a tensor batch or None, got \[1, 2\]"),
+        ({"val_batches": 0}, "`val_batches` must be a positive number of batches or None, got 0"),
+        ({"dirpath": 3}, "`dirpath` must be a folder path, got 3"),
+    ],
+)
+def test_invalid_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(CompressionConfigError, match=message):
+        CompressionExport(**{"dirpath": "out", **kwargs})
+
+
+def test_exports_verifies_and_reports(tmp_path):
+    out = tmp_path / "exported"
+    export = CompressionExport(out)
+    _, module = compressed_run(out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "before_after.png", "layers.png", "model.ckpt", "model.int8.onnx", "model.onnx", "report.json", "report.md",
+    ]  # fmt: skip  (nothing temporary left behind)
+    report = json.loads((out / "report.json").read_text())
+    assert report["version"] == REPORT_VERSION and report["model"] == "TinyModule"
+    assert set(report["verification"]) == {"onnx", "onnx_int8"}
+    assert all(check["passed"] for check in report["verification"].values())
+    assert report["structure"]["physical"] and report["structure"]["removed_channels"]
+    assert report["after"]["params"] < 0.6 * report["before"]["params"]
+    for key in ("ort_accuracy", "ort_latency_ms", "onnx_bytes", "int8_onnx_bytes", "compressed_bytes", "macs"):
+        assert key in report["after"], key
+    assert report["after"]["int8_onnx_bytes"] == (out / "model.int8.onnx").stat().st_size
+    layers = {row["name"]: row for row in report["layers"]}
+    assert layers["net.fc2"]["weight_bits"] == 8 and layers["net.conv1"]["sparsity"] >= 0.0
+    assert "| params |" in (out / "report.md").read_text()
+    session = ort_session(out / "model.onnx")  # the physically smaller file takes any batch size
+    assert session.run(None, {session.get_inputs()[0].name: synthetic(5).tensors[0].numpy()})[0].shape == (5, 4)
+    restored = restore(TinyModule(bn=True), out / "model.ckpt").eval()
+    x = synthetic(8).tensors[0]
+    with torch.no_grad():
+        assert torch.equal(restored(x), module.eval()(x))
+    del export
+
+
+def test_without_qat_int8_is_refused_before_training_and_not_the_default(tmp_path):
+    with pytest.raises(CompressionConfigError, match=r"cannot write `onnx_int8`: the run has no quantisation-aware"):
+        fit([CompressionExport(tmp_path, formats=["onnx_int8"])], max_epochs=1)
+    fit([MagnitudePruning(final_sparsity=0.5, end_epoch=1), CompressionExport(tmp_path / "plain")], max_epochs=1)
+    assert sorted(p.name for p in (tmp_path / "plain").glob("model*")) == ["model.ckpt", "model.onnx"]
+
+
+def test_a_folder_that_cannot_be_written_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CompressionConfigError, match="`dirpath` must be a folder this process can write"):
+        fit([CompressionExport(blocker / "out")], max_epochs=1)
+
+
+def test_a_failed_verification_raises_and_writes_nothing(tmp_path, monkeypatch):
+    def wrong(path, batch):
+        return torch.full((len(batch), 4), 100.0).numpy()
+
+    monkeypatch.setattr(bundle, "_run", wrong)
+    with pytest.raises(ExportVerificationError, match=r"model.onnx: ONNX Runtime's output differs"):
+        fit([CompressionExport(tmp_path, formats=["onnx"])], max_epochs=1)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_headline_figures_reach_the_loggers(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    callbacks = [MagnitudePruning(0.5, end_epoch=1), CompressionExport(tmp_path / "out", plots=False)]
+    fit(callbacks, max_epochs=2, logger=logger)
+    logger.save()
+    metrics = logged_metrics(logger, prefix="export/")
+    assert float(metrics["export/nonzero_params_ratio"]) == pytest.approx(0.5, abs=0.05)
+    assert float(metrics["export/ort_accuracy"]) > 0 and "export/onnx_bytes_ratio" in metrics
+
+
+def test_wandb_gets_the_figures_the_artifact_and_the_table(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="lightning-compress-tests", save_dir=str(tmp_path), offline=True)
+    fit([CompressionExport(tmp_path / "out", plots=False)], max_epochs=1, logger=logger)
+    summary = dict(logger.experiment.summary)
+    assert summary["export/params_ratio"] == pytest.approx(1.0) and "export/layers" in summary
+    assert list(tmp_path.rglob("run-*.wandb"))
+    logger.experiment.finish()
+
+
+@pytest.mark.slow
+def test_ddp_exports_on_rank_zero_only(ddp_run):
+    rank0, rank1 = ddp_run  # pruning + QAT + KD + low-rank + export, 2 processes
+    assert rank0["exported"] == ["checkpoint", "onnx", "onnx_int8"] and rank1["exported"] == []
