@@ -19,6 +19,7 @@ from lightning_compress.measure import summarize
 from lightning_compress.models import build_model
 from lightning_compress.module import ClassificationModule
 from lightning_compress.pruning import fold_masks, prune
+from lightning_compress.recipe import Recipe, load_recipe
 from lightning_compress.restore import restore
 
 __version__ = "0.1.0"
@@ -34,10 +35,12 @@ __all__ = [
     "MNIST5kDataModule",
     "MagnitudePruning",
     "QuantizationAwareTraining",
+    "Recipe",
     "build_model",
     "export_onnx",
     "fold_masks",
     "get_datamodule",
+    "load_recipe",
     "prune",
     "restore",
     "summarize",

@@ -1,0 +1,258 @@
+"""Recipes: one YAML file says model, data, trainer, compression, logger and seed.
+
+``load_recipe(path, overrides=[...])`` reads the file with ``yaml.safe_load``, applies dotted
+overrides (``compression.pruning.final_sparsity=0.95``, the form ``wandb agent`` passes), and
+validates **everything at once**: the error lists every problem with its key path, what is allowed
+and a did-you-mean for misspelt keys. The returned :class:`Recipe` builds the callbacks, the model,
+the data and the Trainer arguments.
+
+Example::
+
+    recipe = load_recipe("recipes/mnist5k/prune.yaml", ["compression.pruning.final_sparsity=0.95"])
+    Trainer(callbacks=recipe.callbacks(), **recipe.trainer_kwargs()).fit(recipe.model(), recipe.datamodule())
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_compress.errors import CompressionConfigError, did_you_mean
+
+SECTIONS = ("model", "data", "trainer", "compression", "logger", "seed")
+LOGGERS = ("wandb", "csv")
+
+
+def _callbacks() -> dict[str, Callable[..., Any]]:
+    from lightning_compress.callbacks import (
+        CompressionExport,
+        KnowledgeDistillation,
+        LowRankFactorization,
+        MagnitudePruning,
+        QuantizationAwareTraining,
+    )
+
+    return {
+        "low_rank": LowRankFactorization,
+        "pruning": MagnitudePruning,
+        "quantization": QuantizationAwareTraining,
+        "distillation": KnowledgeDistillation,
+        "export": CompressionExport,
+    }
+
+
+COMPRESSION = ("low_rank", "pruning", "quantization", "distillation", "export")
+
+
+@dataclass
+class Recipe:
+    """A validated recipe (plain data: ``config`` is the resolved YAML, overrides applied)."""
+
+    config: dict[str, Any]
+    path: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def callbacks(self) -> list[Any]:
+        """The compression callbacks, in the order of the composition contract."""
+        factories = _callbacks()
+        sections = self.config.get("compression") or {}
+        return [factories[name](**sections[name]) for name in COMPRESSION if name in sections]
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``lightning.Trainer`` (without callbacks and logger)."""
+        return dict(self.config.get("trainer") or {})
+
+    def loggers(self) -> list[Any]:
+        """``logger: {wandb: {...}, csv: {...}}`` as Lightning loggers; a W&B run records the recipe as its config."""
+        section = self.config.get("logger") or {}
+        loggers: list[Any] = []
+        if "csv" in section:
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers.append(CSVLogger(**{"save_dir": "lightning_logs", **(section["csv"] or {})}))
+        if "wandb" in section:
+            from lightning.pytorch.loggers import WandbLogger
+
+            options: dict[str, Any] = dict(section["wandb"] or {})
+            if options.pop("mode", None) == "offline":
+                options["offline"] = True
+            logger = WandbLogger(**options)
+            logger.experiment.config.update(self.config, allow_val_change=True)
+            loggers.append(logger)
+        return loggers
+
+    def model(self) -> Any:
+        """The LightningModule: a built-in ``ClassificationModule`` or the recipe's ``class_path``."""
+        section = dict(self.config.get("model") or {})
+        checkpoint = section.pop("checkpoint", None)
+        if "class_path" in section:
+            module = _import_class(section["class_path"], "model.class_path", "LightningModule")(
+                **section.get("init_args", {})
+            )
+        else:
+            from lightning_compress.module import ClassificationModule
+
+            data = self.datamodule()
+            section.setdefault("num_classes", data.num_classes)
+            section.setdefault("in_channels", data.in_channels)
+            module = ClassificationModule(**section)
+        if checkpoint is not None:  # fine-tuning: start from trained (possibly compressed) weights
+            from lightning_compress.restore import restore
+
+            restore(module, checkpoint)
+        return module
+
+    def datamodule(self) -> Any:
+        """The LightningDataModule: a built-in name or the recipe's ``class_path``."""
+        section = dict(self.config.get("data") or {})
+        if "class_path" in section:
+            return _import_class(section["class_path"], "data.class_path", "LightningDataModule")(
+                **section.get("init_args", {})
+            )
+        from lightning_compress.data import get_datamodule
+
+        name = section.pop("name", "mnist5k")
+        section.setdefault("seed", self.seed)
+        return get_datamodule(name, **section)
+
+
+def load_recipe(path: str | os.PathLike[str] | Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Raises:
+        CompressionConfigError: every problem found, one per line, each with its key path.
+    """
+    if isinstance(path, Mapping):
+        config, where = copy.deepcopy(dict(path)), None
+    else:
+        where = Path(path)
+        try:
+            config = yaml.safe_load(where.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise CompressionConfigError(f"cannot read the recipe {str(path)!r}: {error}") from None
+    if not isinstance(config, dict):
+        kind = type(config).__name__
+        raise CompressionConfigError(f"a recipe must be a mapping of sections {list(SECTIONS)}, got {kind}")
+    problems = [p for item in overrides for p in _override(config, item)]
+    problems += validate(config)
+    if problems:
+        raise CompressionConfigError("the recipe has problems:\n  - " + "\n  - ".join(problems))
+    return Recipe(config, where)
+
+
+def _override(config: dict[str, Any], item: str) -> list[str]:
+    text = item[2:] if item.startswith("--") else item
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        return [f"override {item!r} must look like key.path=VALUE (e.g. compression.pruning.final_sparsity=0.9)"]
+    value = yaml.safe_load(raw) if raw else None
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            return [f"override {key!r}: {part!r} is not a section"]
+        node = child
+    node[parts[-1]] = value
+    return []
+
+
+def validate(config: Mapping[str, Any]) -> list[str]:
+    """Every problem of a recipe, as ``key.path: message`` lines (empty when it is valid)."""
+    problems = [_unknown(key, SECTIONS, "") for key in config if key not in SECTIONS]
+    if "seed" in config and (not isinstance(config["seed"], int) or isinstance(config["seed"], bool)):
+        problems.append(f"seed: must be an integer, got {config['seed']!r}")
+    for section in ("model", "data", "trainer", "compression", "logger"):
+        value = config.get(section)
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"{section}: must be a mapping, got {type(value).__name__}")
+    if problems:
+        return problems
+    problems += _check_trainer(config.get("trainer") or {})
+    problems += _check_compression(config.get("compression") or {})
+    problems += _check_logger(config.get("logger") or {})
+    for section, base in (("model", "LightningModule"), ("data", "LightningDataModule")):
+        value = config.get(section) or {}
+        if "class_path" in value:
+            try:
+                _import_class(value["class_path"], f"{section}.class_path", base)
+            except CompressionConfigError as error:
+                problems.append(str(error))
+    return problems
+
+
+def _unknown(key: str, allowed: Sequence[str], prefix: str, what: str | None = None) -> str:
+    hint = did_you_mean(str(key), allowed)
+    return f"{prefix}{key}: unknown key; allowed: {what or ', '.join(allowed)}" + (f". HINT: {hint}" if hint else "")
+
+
+def _parameters(factory: Callable[..., Any]) -> list[str]:
+    parameters = inspect.signature(factory).parameters.items()
+    return [n for n, p in parameters if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _check_trainer(section: Mapping[str, Any]) -> list[str]:
+    import lightning.pytorch as pl
+
+    allowed = [n for n in _parameters(pl.Trainer.__init__) if n not in ("callbacks", "logger")]
+    what = "lightning.Trainer's arguments"
+    return [_unknown(key, allowed, "trainer.", what) for key in section if key not in allowed]
+
+
+def _check_compression(section: Mapping[str, Any]) -> list[str]:
+    problems = []
+    factories = _callbacks()
+    for name, arguments in section.items():
+        if name not in factories:
+            problems.append(_unknown(name, COMPRESSION, "compression."))
+            continue
+        if not isinstance(arguments, dict):
+            problems.append(f"compression.{name}: must be a mapping of arguments, got {type(arguments).__name__}")
+            continue
+        allowed = _parameters(factories[name])
+        unknown = [key for key in arguments if key not in allowed]
+        problems += [_unknown(key, allowed, f"compression.{name}.") for key in unknown]
+        if unknown or name in ("distillation", "export"):  # these touch files: checked when built
+            continue
+        try:
+            factories[name](**arguments)
+        except CompressionConfigError as error:
+            problems.append(f"compression.{name}: {error}")
+        except TypeError as error:
+            problems.append(f"compression.{name}: {error}")
+    return problems
+
+
+def _check_logger(section: Mapping[str, Any]) -> list[str]:
+    return [_unknown(key, LOGGERS, "logger.") for key in section if key not in LOGGERS]
+
+
+def _import_class(path: Any, key: str, base: str) -> Any:
+    """An importable class of the expected Lightning base type; never an arbitrary callable."""
+    import lightning.pytorch as pl
+
+    expected = getattr(pl, base)
+    module_name, _, name = str(path).rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if not (isinstance(found, type) and issubclass(found, expected)):
+        raise CompressionConfigError(
+            f"{key}: must be the import path of a {base} subclass (e.g. my_package.models.MyModule), got {path!r}"
+        )
+    return found

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+
+from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.errors import CompressionConfigError
+from lightning_compress.recipe import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_is_valid_and_builds_its_callbacks(path):
+    recipe = load_recipe(path)
+    assert recipe.callbacks() and recipe.trainer_kwargs()["max_epochs"] > 0
+    assert path.read_text().startswith("#")  # a header comment with how to run it
+
+
+def test_overrides_in_the_wandb_agent_form():
+    path = next(p for p in RECIPES if p.name == "prune_quantize_export.yaml")
+    recipe = load_recipe(path, ["--compression.pruning.final_sparsity=0.95", "trainer.max_epochs=3"])
+    pruning = next(c for c in recipe.callbacks() if isinstance(c, MagnitudePruning))
+    assert pruning.final_sparsity == 0.95 and recipe.trainer_kwargs()["max_epochs"] == 3
+    assert [type(c).__name__ for c in recipe.callbacks()][:2] == ["MagnitudePruning", "QuantizationAwareTraining"]
+    assert any(isinstance(c, QuantizationAwareTraining) for c in recipe.callbacks())
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path():
+    config = {
+        "sead": 1,
+        "trainer": {"max_epoch": 3},
+        "compression": {"pruning": {"final_sparsity": 1.5}, "quantisation": {}, "low_rank": {"rnak": 3}},
+        "logger": {"wandbb": {}},
+        "model": {"class_path": "os.system"},
+    }
+    with pytest.raises(CompressionConfigError) as caught:
+        load_recipe(config)
+    message = str(caught.value)
+    assert "sead: unknown key" in message and "did you mean 'seed'" in message
+    config.pop("sead")
+    with pytest.raises(CompressionConfigError) as caught:
+        load_recipe(config)
+    message = str(caught.value)
+    for expected in (
+        "trainer.max_epoch: unknown key", "did you mean 'max_epochs'",
+        "compression.pruning: `final_sparsity` must be in [0, 1), got 1.5",
+        "compression.quantisation: unknown key", "did you mean 'quantization'",
+        "compression.low_rank.rnak: unknown key", "did you mean 'rank'",
+        "logger.wandbb: unknown key", "model.class_path: must be the import path of a LightningModule subclass",
+    ):  # fmt: skip
+        assert expected in message, expected
+
+
+@pytest.mark.parametrize("path", ["os.system", "builtins.eval", "subprocess.Popen", "no.such.Module", "Trainer"])
+def test_class_path_reaches_only_lightning_classes(path):
+    with pytest.raises(CompressionConfigError, match="must be the import path of a LightningModule subclass"):
+        load_recipe({"model": {"class_path": path}})
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(CompressionConfigError, match="cannot read the recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(CompressionConfigError, match="a recipe must be a mapping of sections"):
+        load_recipe(tmp_path / "list.yaml")
+    with pytest.raises(CompressionConfigError, match=r"override 'trainer' must look like key.path=VALUE"):
+        load_recipe({}, ["trainer"])
+
+
+def test_a_recipe_trains(tmp_path):
+    import lightning.pytorch as pl
+
+    path = next(p for p in RECIPES if p.name == "quickstart.yaml")
+    recipe = load_recipe(path, ["trainer.max_epochs=1", "compression.pruning.end_epoch=1"])
+    pl.seed_everything(recipe.seed, verbose=False)
+    trainer = pl.Trainer(
+        callbacks=recipe.callbacks(), logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        **recipe.trainer_kwargs(),
+    )  # fmt: skip
+    model = recipe.model()
+    trainer.fit(model, datamodule=recipe.datamodule())
+    assert 0.75 < float(trainer.callback_metrics["pruning/sparsity"]) < 0.85
+
+
+def test_loggers_from_the_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = {
+        "seed": 3,
+        "logger": {"csv": {"save_dir": str(tmp_path)}, "wandb": {"project": "lc-tests", "save_dir": str(tmp_path),
+                                                                  "mode": "offline", "tags": ["recipe"]}},
+    }  # fmt: skip
+    csv, wandb = load_recipe(config).loggers()
+    assert type(csv).__name__ == "CSVLogger" and type(wandb).__name__ == "WandbLogger"
+    assert dict(wandb.experiment.config)["seed"] == 3 and list(wandb.experiment.tags) == ["recipe"]
+    wandb.experiment.finish()
+
+
+def test_model_checkpoint_starts_from_trained_weights(tmp_path):
+    import torch
+
+    from lightning_compress import ClassificationModule
+
+    trained = ClassificationModule("cnn_tiny", 10, 1)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "trained.ckpt")
+    model = load_recipe({"model": {"model": "cnn_tiny", "checkpoint": str(tmp_path / "trained.ckpt")},
+                         "data": {"name": "digits"}}).model()  # fmt: skip
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
