@@ -21,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--sparsity", type=float, default=0.9)
     demo.add_argument("--seed", type=int, default=0)
+    for name, text in (("fit", "train with a recipe's compression callbacks"), ("validate", "check a recipe")):
+        command = commands.add_parser(name, help=f"{text}; override any key with --a.b.c=VALUE", allow_abbrev=False)
+        command.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+        command.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
     export = commands.add_parser(
         "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
     )
@@ -71,10 +75,38 @@ def export_checkpoint(
     return report
 
 
+def fit_recipe(path: str, overrides: Sequence[str], print_config: bool = False, train: bool = True) -> int:
+    """``lightning-compress fit`` / ``validate``: load and validate the recipe; train it when ``train``."""
+    import yaml
+
+    from lightning_compress.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    if print_config:
+        print(yaml.safe_dump(recipe.config, sort_keys=False), end="")
+        return 0
+    callbacks = recipe.callbacks()  # builds every callback: a missing teacher file fails here
+    if not train:
+        print(f"{path}: valid ({', '.join(type(c).__name__ for c in callbacks) or 'no compression'})")
+        return 0
+    import lightning.pytorch as pl
+
+    pl.seed_everything(recipe.seed, verbose=False)
+    trainer = pl.Trainer(callbacks=callbacks, logger=recipe.loggers() or False, **recipe.trainer_kwargs())
+    trainer.fit(recipe.model(), datamodule=recipe.datamodule())
+    figures = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    print(figures)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.command not in ("fit", "validate"):
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in ("fit", "validate"):
+            return fit_recipe(args.recipe, extra, args.print_config, train=args.command == "fit")
         if args.command == "demo":
             from lightning_compress.demo import run_demo
 

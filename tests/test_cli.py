@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from lightning_compress.cli import main
 
@@ -58,3 +59,36 @@ def test_export_bad_input_exits_2(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "y.ckpt")
     assert main(["export", str(tmp_path / "y.ckpt")]) == 2
     assert "needs a checkpoint of lightning_compress's ClassificationModule" in capsys.readouterr().err
+
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "recipes" / "digits" / "quickstart.yaml")
+
+
+def test_fit_a_recipe_with_overrides(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", QUICKSTART, "--trainer.max_epochs=1", "--compression.pruning.end_epoch=1"]) == 0
+    out = capsys.readouterr().out
+    assert "'pruning/sparsity': 0.8" in out
+
+
+def test_validate_and_print_config(capsys):
+    assert main(["validate", QUICKSTART]) == 0
+    assert "valid (MagnitudePruning)" in capsys.readouterr().out
+    assert main(["fit", QUICKSTART, "--print-config", "--compression.pruning.final_sparsity=0.95"]) == 0
+    assert "final_sparsity: 0.95" in capsys.readouterr().out
+
+
+def test_recipe_problems_exit_2_listing_all_of_them(capsys):
+    assert main(["validate", QUICKSTART, "--trainer.max_epoch=1", "--compression.prunning.final_sparsity=2"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_epoch: unknown key" in err and "compression.prunning: unknown key" in err
+    assert "did you mean 'pruning'" in err and "Traceback" not in err
+
+
+def test_the_command_line_wandb_agent_builds(tmp_path):
+    # `wandb agent` runs the sweep's `command`: ${env} ${interpreter} ${program} ${args}, args as --key=value
+    args = ["--compression.pruning.final_sparsity=0.9", "--trainer.max_epochs=1", "--compression.pruning.end_epoch=1"]
+    command = [sys.executable, "-m", "lightning_compress", "fit", QUICKSTART, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'pruning/sparsity': 0.9" in done.stdout
