@@ -25,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=f"{text}; override any key with --a.b.c=VALUE", allow_abbrev=False)
         command.add_argument("recipe", help="a recipe YAML file (see recipes/)")
         command.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
+    sweep = commands.add_parser(
+        "sweep", help="run a W&B sweep file locally (grid or random); write a CSV and a Pareto plot"
+    )
+    sweep.add_argument("sweep", help="a sweep YAML file in W&B's format (see recipes/sweeps/)")
+    sweep.add_argument("--count", type=int, default=4, help="trials to run (default: 4)")
+    sweep.add_argument("--out", default="sweep", help="output folder for results.csv, pareto.png and the runs")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the random search")
     export = commands.add_parser(
         "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
     )
@@ -85,18 +92,40 @@ def fit_recipe(path: str, overrides: Sequence[str], print_config: bool = False, 
     if print_config:
         print(yaml.safe_dump(recipe.config, sort_keys=False), end="")
         return 0
-    callbacks = recipe.callbacks()  # builds every callback: a missing teacher file fails here
     if not train:
+        callbacks = recipe.callbacks()  # builds every callback: a missing teacher file fails here
         print(f"{path}: valid ({', '.join(type(c).__name__ for c in callbacks) or 'no compression'})")
         return 0
-    import lightning.pytorch as pl
-
-    pl.seed_everything(recipe.seed, verbose=False)
-    trainer = pl.Trainer(callbacks=callbacks, logger=recipe.loggers() or False, **recipe.trainer_kwargs())
-    trainer.fit(recipe.model(), datamodule=recipe.datamodule())
-    figures = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    print(figures)
+    print({k: round(v, 4) for k, v in train_recipe(path, overrides).items()})
     return 0
+
+
+def train_recipe(
+    path: str, overrides: Sequence[str], run_name: str | None = None, log_dir: str | None = None
+) -> dict[str, float]:
+    """Train a recipe; return the final logged figures and ``model_bytes`` (the int8 / fp32 ONNX file
+    when the recipe exports, else the weights in a sparse format)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_compress.callbacks import CompressionExport
+    from lightning_compress.measure import sparse_bytes
+    from lightning_compress.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    pl.seed_everything(recipe.seed, verbose=False)
+    callbacks = recipe.callbacks()
+    loggers = recipe.loggers(run_name)
+    if not loggers and log_dir is not None:
+        loggers = [CSVLogger(log_dir, name=run_name or "run")]
+    trainer = pl.Trainer(callbacks=callbacks, logger=loggers or False, **recipe.trainer_kwargs())
+    model = recipe.model()
+    trainer.fit(model, datamodule=recipe.datamodule())
+    figures = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    export = next((c for c in callbacks if isinstance(c, CompressionExport)), None)
+    after = export.report.get("after", {}) if export is not None else {}
+    figures["model_bytes"] = float(after.get("int8_onnx_bytes") or after.get("onnx_bytes") or sparse_bytes(model))
+    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("fit", "validate"):
             return fit_recipe(args.recipe, extra, args.print_config, train=args.command == "fit")
+        if args.command == "sweep":
+            from lightning_compress.sweep import run_sweep
+
+            rows = run_sweep(args.sweep, args.count, args.out, args.seed)
+            print(f"{len(rows)} trials; results.csv and pareto.png in {args.out}")
+            for row in rows:
+                print(row)
         if args.command == "demo":
             from lightning_compress.demo import run_demo
 

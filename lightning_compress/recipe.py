@@ -74,20 +74,28 @@ class Recipe:
         """Arguments for ``lightning.Trainer`` (without callbacks and logger)."""
         return dict(self.config.get("trainer") or {})
 
-    def loggers(self) -> list[Any]:
-        """``logger: {wandb: {...}, csv: {...}}`` as Lightning loggers; a W&B run records the recipe as its config."""
+    def loggers(self, run_name: str | None = None) -> list[Any]:
+        """``logger: {wandb: {...}, csv: {...}}`` as Lightning loggers; a W&B run records the recipe as its config.
+
+        ``run_name`` names the W&B run and the CSV folder (a sweep's trials).
+        """
         section = self.config.get("logger") or {}
         loggers: list[Any] = []
         if "csv" in section:
             from lightning.pytorch.loggers import CSVLogger
 
-            loggers.append(CSVLogger(**{"save_dir": "lightning_logs", **(section["csv"] or {})}))
+            csv_options = {"save_dir": "lightning_logs", **(section["csv"] or {})}
+            if run_name:
+                csv_options["name"] = run_name
+            loggers.append(CSVLogger(**csv_options))
         if "wandb" in section:
             from lightning.pytorch.loggers import WandbLogger
 
             options: dict[str, Any] = dict(section["wandb"] or {})
             if options.pop("mode", None) == "offline":
                 options["offline"] = True
+            if run_name:
+                options["name"] = run_name
             logger = WandbLogger(**options)
             logger.experiment.config.update(self.config, allow_val_change=True)
             loggers.append(logger)

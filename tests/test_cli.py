@@ -92,3 +92,16 @@ def test_the_command_line_wandb_agent_builds(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'pruning/sparsity': 0.9" in done.stdout
+
+
+def test_sweep_command(tmp_path, capsys):
+    import yaml
+
+    sweep = yaml.safe_load((Path(QUICKSTART).parents[1] / "sweeps" / "digits_sparsity.yaml").read_text())
+    sweep["command"] = [QUICKSTART if c.endswith(".yaml") else c for c in sweep["command"]]
+    sweep["parameters"].update({"trainer.max_epochs": {"value": 1}, "compression.pruning.end_epoch": {"value": 1}})
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--count", "1", "--out", str(tmp_path / "out")]) == 0
+    assert "1 trials; results.csv and pareto.png in" in capsys.readouterr().out
+    (tmp_path / "bad.yaml").write_text("method: bayes\n")
+    assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2

@@ -6,14 +6,22 @@ from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.recipe import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "sweeps")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_shipped_recipe_is_valid_and_builds_its_callbacks(path):
+def test_every_shipped_recipe_is_valid_and_builds_its_callbacks(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative file paths (teachers, export folders) resolve here
+    text = path.read_text()
+    assert text.startswith("#") and "Run" in text.split("\nseed")[0]  # a header saying how to run it
     recipe = load_recipe(path)
-    assert recipe.callbacks() and recipe.trainer_kwargs()["max_epochs"] > 0
-    assert path.read_text().startswith("#")  # a header comment with how to run it
+    assert recipe.trainer_kwargs()["max_epochs"] > 0
+    if "distillation" in recipe.config["compression"]:  # its teacher comes from teacher_dense.yaml
+        with pytest.raises(CompressionConfigError, match=r"runs/mnist5k-teacher/model.ckpt.*no such file"):
+            recipe.callbacks()
+    else:
+        assert recipe.callbacks()
 
 
 def test_overrides_in_the_wandb_agent_form():
@@ -106,3 +114,24 @@ def test_model_checkpoint_starts_from_trained_weights(tmp_path):
                          "data": {"name": "digits"}}).model()  # fmt: skip
     for key, value in trained.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+@pytest.mark.slow
+def test_teacher_then_full_pipeline_recipes_run_end_to_end(tmp_path, monkeypatch, capsys):
+    import json
+
+    from lightning_compress.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    quick = ["--trainer.enable_progress_bar=false", "--data.name=digits"]
+    teacher = str(ROOT / "recipes" / "mnist5k" / "teacher_dense.yaml")
+    assert main(["fit", teacher, "--trainer.max_epochs=1", *quick]) == 0
+    full = str(ROOT / "recipes" / "mnist5k" / "full_pipeline.yaml")
+    overrides = ["--trainer.max_epochs=3", "--compression.pruning.end_epoch=2"]
+    overrides += ["--compression.quantization.start_epoch=2"]
+    assert main(["fit", full, *overrides, *quick]) == 0
+    report = json.loads((tmp_path / "runs" / "mnist5k-full" / "report.json").read_text())
+    assert set(report["files"]) == {"checkpoint", "onnx", "onnx_int8"}
+    assert all(check["passed"] for check in report["verification"].values())
+    assert report["after"]["nonzero_params"] < 0.35 * report["before"]["params"]
+    assert "kd/response_loss" in capsys.readouterr().out

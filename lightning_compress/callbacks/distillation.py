@@ -61,8 +61,9 @@ class KnowledgeDistillation(Callback):
     ``features``, ``kd/feature_loss``.
 
     Args:
-        teacher: an ``nn.Module`` / ``LightningModule``, or the path of a checkpoint: a checkpoint
-            written by this package's ``ClassificationModule`` loads as is; otherwise give
+        teacher: an ``nn.Module`` / ``LightningModule``, or the path of a checkpoint: a checkpoint of
+            this package's ``ClassificationModule`` (a Lightning checkpoint or ``CompressionExport``'s
+            ``model.ckpt``, compressed or not) loads as is; otherwise give
             ``teacher_class`` (a ``LightningModule`` class for a Lightning checkpoint, or an
             ``nn.Module`` class built without arguments for a plain state-dict file).
         temperature: softmax temperature ``T`` (> 0).
@@ -385,7 +386,9 @@ def load_teacher(path: str | os.PathLike[str], teacher_class: type[nn.Module] | 
                 f"the teacher checkpoint {str(path)!r} was not written by lightning_compress's ClassificationModule "
                 "with a named model. HINT: pass `teacher_class` (your LightningModule or nn.Module class)"
             )
-        return ClassificationModule.load_from_checkpoint(file, map_location="cpu", weights_only=True)
+        from lightning_compress.restore import restore  # a compressed teacher is rebuilt as trained
+
+        return restore(ClassificationModule(**hparams), checkpoint)
     except CompressionConfigError:
         raise
     except Exception as error:  # torch.load and load_state_dict raise many kinds: name the file and the cause

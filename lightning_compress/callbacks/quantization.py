@@ -122,14 +122,13 @@ class QuantizationAwareTraining(Callback):
         self._linked = True
         example = batch_input(batch)[:2]
         layers = core.quantized_layers(pl_module)
-        linked = 0
         if self.config.fold_bn:
             self.bn_pairs = find_bn_pairs(pl_module, layers, example)
-            linked = core.link_batchnorms(pl_module, self.bn_pairs)
+            core.link_batchnorms(pl_module, self.bn_pairs)
         self._folded_bns = core.folded_batchnorms(pl_module)
         shared = share_ranges(pl_module, example)
         rank_zero_info(
-            f"QuantizationAwareTraining: {len(layers)} layers, {linked} BatchNorms folded, "
+            f"QuantizationAwareTraining: {len(layers)} layers, {len(self._folded_bns)} BatchNorms folded, "
             f"{len(shared)} output ranges shared with the next layer's input"
         )
 
