@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m lightning_compress demo
+	$(PY) -m lightning_compress pipeline
 
 test: $(STAMP)
 	$(PY) -m ruff check lightning_compress tests benchmarks examples

@@ -21,6 +21,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--sparsity", type=float, default=0.9)
     demo.add_argument("--seed", type=int, default=0)
+    pipeline = commands.add_parser(
+        "pipeline", help="the main job: dense teacher, then low-rank + GMP + QAT + KD student, export; print the table"
+    )
+    pipeline.add_argument("--data", default="mnist5k", help="digits or mnist5k (default: mnist5k)")
+    pipeline.add_argument("--teacher-epochs", type=int, default=6)
+    pipeline.add_argument("--epochs", type=int, default=8)
+    pipeline.add_argument("--seed", type=int, default=0)
+    pipeline.add_argument("--out", default=None, help="keep the exported files here (default: a temporary folder)")
     for name, text in (("fit", "train with a recipe's compression callbacks"), ("validate", "check a recipe")):
         command = commands.add_parser(name, help=f"{text}; override any key with --a.b.c=VALUE", allow_abbrev=False)
         command.add_argument("recipe", help="a recipe YAML file (see recipes/)")
@@ -143,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(rows)} trials; results.csv and pareto.png in {args.out}")
             for row in rows:
                 print(row)
+        if args.command == "pipeline":
+            from lightning_compress.demo import run_pipeline
+
+            run_pipeline(args.data, args.teacher_epochs, args.epochs, args.seed, args.out)
         if args.command == "demo":
             from lightning_compress.demo import run_demo
 

@@ -105,3 +105,12 @@ def test_sweep_command(tmp_path, capsys):
     assert "1 trials; results.csv and pareto.png in" in capsys.readouterr().out
     (tmp_path / "bad.yaml").write_text("method: bayes\n")
     assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_the_main_job_pipeline_prints_dense_vs_compressed(capsys):
+    assert main(["pipeline", "--data", "digits", "--teacher-epochs", "1", "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    dense, compressed = rows["dense cnn_small"], rows["cnn_small: low-rank + GMP 80% + QAT int8 + KD"]
+    size = lambda row: float(row[0].strip().replace(",", ""))  # noqa: E731
+    assert size(compressed) < 0.25 * size(dense) and float(compressed[2]) > 0.2  # int8 file; ORT accuracy
