@@ -174,6 +174,34 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     return folded
 
 
+BIAS_STEPS = 2**30  # the largest |bias / scale| an int32 bias is given (headroom below 2**31)
+
+
+def _widen_dead_channels(
+    graph: onnx.GraphProto, w_dq: onnx.NodeProto, w_scale: np.ndarray, bias: np.ndarray, x_scale: float
+) -> np.ndarray:
+    """Per-channel weight scales made large enough for the bias where the channel's int8 weights are all 0.
+
+    A pruned output channel keeps its bias, but its weight scale is ~0, so ``bias / (x_scale * w_scale)``
+    overflows int32. Its weights are zero at any scale, so the scale can grow until the bias fits.
+    """
+    weights = _constant_value(graph, w_dq.input[0])
+    inits = _initializers(graph)
+    if weights is None or w_scale.size != bias.size or w_scale.size == 1 or w_dq.input[1] not in inits:
+        return w_scale
+    axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+    needed = np.abs(bias.astype(np.float64)) / (max(x_scale, 1e-30) * BIAS_STEPS)
+    widened = w_scale.astype(np.float32).reshape(-1).copy()
+    changed = False
+    for channel in np.nonzero(widened < needed)[0]:
+        if not np.take(weights, channel, axis=axis).any():
+            widened[channel] = np.float32(needed[channel] * 1.01)
+            changed = True
+    if changed:
+        inits[w_dq.input[1]].CopyFrom(numpy_helper.from_array(widened.reshape(w_scale.shape), w_dq.input[1]))
+    return widened.reshape(w_scale.shape)
+
+
 def quantize_biases(model: onnx.ModelProto) -> int:
     """Give every Conv/Gemm with quantised input and weight an int32 bias behind a DequantizeLinear."""
     graph = model.graph
@@ -191,9 +219,10 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         x_scale, w_scale = _constant_value(graph, x_dq.input[1]), _constant_value(graph, w_dq.input[1])
         if x_scale is None or w_scale is None:
             continue
+        w_scale = _widen_dead_channels(graph, w_dq, w_scale, bias, float(x_scale.reshape(-1)[0]))
         scale = (x_scale.astype(np.float32) * w_scale.astype(np.float32)).reshape(-1)
         scale = np.broadcast_to(scale, bias.shape).astype(np.float32) if scale.size == 1 else scale
-        steps = np.divide(bias, scale, out=np.zeros_like(bias, dtype=np.float64), where=scale > 0)  # 0: pruned
+        steps = np.divide(bias, scale, out=np.zeros_like(bias, dtype=np.float64), where=scale > 0)
         ints = np.clip(np.round(steps), -(2**31), 2**31 - 1).astype(np.int32)
         base = node.input[2]
         graph.initializer.extend(

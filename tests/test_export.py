@@ -150,3 +150,20 @@ def test_interrupted_write_leaves_no_file(tmp_path, batches, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_onnx(build_model("cnn_tiny"), batches[0][:1], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pruned_channel_keeps_its_bias_in_int8(tmp_path, batches, trained):
+    import copy
+
+    model = copy.deepcopy(trained)
+    linear = model.classifier[3]
+    with torch.no_grad():  # output 0: every weight pruned, a bias that matters
+        linear.parametrizations.weight.original[0] = 0.0
+        linear.bias[0] = 3.0
+    export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
+    x = batches[3]
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    got = session(tmp_path / "m.int8.onnx").run(None, {"input": x.numpy()})[0]
+    step = linear.output_quant.qparams()[0]
+    assert np.abs(got[:, 0] - expected[:, 0]).max() <= step * 1.001  # not clipped to ±2**31 steps of ~0

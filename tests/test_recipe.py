@@ -135,3 +135,37 @@ def test_teacher_then_full_pipeline_recipes_run_end_to_end(tmp_path, monkeypatch
     assert all(check["passed"] for check in report["verification"].values())
     assert report["after"]["nonzero_params"] < 0.35 * report["before"]["params"]
     assert "kd/response_loss" in capsys.readouterr().out
+
+
+def test_a_recipe_run_sends_every_figure_to_wandb(tmp_path, monkeypatch):
+    import torch
+
+    from lightning_compress import ClassificationModule
+    from lightning_compress.cli import train_recipe
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    teacher = ClassificationModule("cnn_tiny", 10, 1)
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, "teacher.ckpt")
+    overrides = [
+        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--compression.pruning.end_epoch=1",
+        "--compression.low_rank.epoch=1", "--compression.low_rank.include=[model.classifier.1]",
+        "--compression.quantization.start_epoch=1", "--compression.distillation.teacher=teacher.ckpt",
+        "--compression.export.dirpath=out", "--compression.export.plots=false",
+        "--logger.wandb.project=lc-tests", f"--logger.wandb.save_dir={tmp_path}", "--logger.wandb.mode=offline",
+    ]  # fmt: skip
+    captured = {}
+    original = ClassificationModule.on_fit_end
+
+    def keep_logger(self):  # the WandbLogger of this run, to read its summary afterwards
+        captured["logger"] = self.logger
+        original(self)
+
+    monkeypatch.setattr(ClassificationModule, "on_fit_end", keep_logger)
+    train_recipe(str(ROOT / "recipes" / "digits" / "quickstart.yaml"), overrides)
+    run = captured["logger"].experiment
+    summary = dict(run.summary)
+    for key in ("pruning/sparsity", "qat/enabled", "kd/loss", "lowrank/layers", "export/params_ratio", "val/acc"):
+        assert key in summary, key
+    assert dict(run.config)["compression"]["pruning"]["final_sparsity"] == 0.8  # the resolved recipe
+    run.finish()
