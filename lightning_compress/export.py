@@ -40,13 +40,9 @@ from lightning_compress import quantization as q
 from lightning_compress.dataflow import share_ranges
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.pruning import fold_masks, weight_of
+from lightning_compress.surgery import swap_modules
 
 OPSET = 18
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
@@ -88,7 +84,7 @@ def inference_copy(model: nn.Module, example_input: Tensor) -> nn.Module:
         if bn is not None:  # the BatchNorm's effect moves into the layer; its output hook moves too
             weight, bias = _fold_bn_into(layer, bn, weight)
             layer.bias = nn.Parameter(bias)
-            _set_module(export, names[id(bn)], nn.Identity())
+            swap_modules(export, {names[id(bn)]: nn.Identity()})
         scale = q.weight_scale(weight, quant.bits, quant.per_channel)
         q.unparametrize_weight(layer, q.fake_quant_weight(weight, scale, quant.bits))  # on the grid
         zero = torch.zeros(scale.numel(), dtype=torch.int8)

@@ -3,8 +3,9 @@
 No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes when they do):
 
 - ``version``, ``model`` (class name);
-- ``before`` / ``after``: ``params``, ``nonzero_params``, ``macs``, ``dense_bytes``,
-  ``compressed_bytes`` (zlib of the weights), and, where an ONNX file was measured,
+- ``before`` / ``after``: ``params``, ``nonzero_params``, ``macs``, ``sparse_macs`` (non-zero
+  weights only), ``dense_bytes``, ``sparse_bytes`` (bitmap format), ``compressed_bytes`` (zlib of
+  the weights), and, where an ONNX file was measured,
   ``onnx_bytes``, ``ort_accuracy``, ``ort_latency_ms`` (``before`` is the model as ``fit`` started);
 - ``files``: ``{format: {path, bytes}}``;
 - ``verification``: ``{format: {max_abs_diff, top1_agreement, tolerance, passed}}``;
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.low_rank import LowRank
-from lightning_compress.measure import compressed_bytes, count_macs, count_nonzero, count_parameters, dense_bytes
+from lightning_compress.measure import summarize
 from lightning_compress.pruning import select_layers, weight_of
 from lightning_compress.quantization import quantized_layers, weight_quantizer
 
@@ -38,14 +39,10 @@ class ExportVerificationError(RuntimeError):
 
 
 def model_figures(model: nn.Module, example_input: Tensor) -> dict[str, float]:
-    """Params, non-zeros, MACs (one example), dense and zlib-compressed bytes of ``model``."""
-    return {
-        "params": float(count_parameters(model)),
-        "nonzero_params": float(count_nonzero(model)),
-        "macs": float(count_macs(model, example_input[:1])[0]),
-        "dense_bytes": float(dense_bytes(model)),
-        "compressed_bytes": float(compressed_bytes(model)),
-    }
+    """:func:`~lightning_compress.measure.summarize` of ``model`` (MACs for one example), as floats."""
+    figures = {k: float(v) for k, v in summarize(model, example_input[:1]).items()}
+    figures["nonzero_params"] = figures.pop("nonzero")
+    return figures
 
 
 def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
