@@ -19,7 +19,7 @@ import importlib
 import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class Recipe:
 
     config: dict[str, Any]
     path: Path | None = None
-    problems: list[str] = field(default_factory=list)
 
     @property
     def seed(self) -> int:
