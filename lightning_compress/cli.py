@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_compress.errors import CompressionConfigError
+from lightning_compress.report import ExportVerificationError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressionConfigError as err:
         print(f"lightning-compress: error: {err}", file=sys.stderr)
         return 2
+    except ExportVerificationError as err:  # the run worked, its export did not reproduce it: nothing written
+        print(f"lightning-compress: export failed verification, nothing written: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

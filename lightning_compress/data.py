@@ -14,9 +14,11 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -217,19 +219,101 @@ class ImageFolderDataModule(ClassificationDataModule):
         return Subset(full, train_idx), Subset(full, val_idx)
 
 
-DATAMODULES: dict[str, type[ClassificationDataModule]] = {
+class TorchvisionDataModule(ClassificationDataModule):
+    """A torchvision data set already on disk: its train split for training, its test split for validation.
+
+    Nothing is downloaded unless ``download=True`` (the shipped recipes say ``download: false``):
+    absent files are a :class:`CompressionConfigError` naming the folder torchvision expects.
+
+    Args:
+        dataset: ``CIFAR10``, ``CIFAR100``, ``MNIST`` or ``FashionMNIST``.
+        root: the folder that holds the data set's own folder (e.g. ``cifar-10-batches-py/``).
+        download: let torchvision fetch the files (needs the network).
+        augment: random crop (padding 4) and horizontal flip on the training images (CIFAR only).
+        batch_size, num_workers, seed: as in :class:`ClassificationDataModule`.
+    """
+
+    DATASETS: ClassVar[dict[str, tuple[str, int, int, int, tuple[float, ...], tuple[float, ...]]]] = {
+        # name: (folder torchvision reads, classes, channels, size, mean, std)
+        "CIFAR10": ("cifar-10-batches-py", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        "CIFAR100": ("cifar-100-python", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        "MNIST": ("MNIST/raw", 10, 1, 28, (MNIST_MEAN,), (MNIST_STD,)),
+        "FashionMNIST": ("FashionMNIST/raw", 10, 1, 28, (0.2860,), (0.3530,)),
+    }
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str | Path,
+        download: bool = False,
+        augment: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        if dataset not in self.DATASETS:
+            raise config_error("dataset", one_of(self.DATASETS), dataset, did_you_mean(str(dataset), self.DATASETS))
+        if not isinstance(download, bool):
+            raise config_error("download", "true or false", download)
+        self.dataset, self.root, self.download, self.augment = dataset, Path(root), download, augment
+        folder, self.num_classes, self.in_channels, size, self.mean, self.std = self.DATASETS[dataset]
+        self.image_size = (size, size)
+        self.folder = self.root / folder
+        if not download and not self.folder.is_dir():
+            raise self._absent("the folder does not exist")
+
+    def _absent(self, why: str) -> CompressionConfigError:
+        return CompressionConfigError(
+            f"data: {self.dataset} is not under `root` {str(self.root)!r} ({why}; torchvision reads "
+            f"{str(self.folder)!r}). Nothing is downloaded with `download: false`: put the extracted "
+            f"{self.dataset} files there, point `root` at them, or set `download: true` on a machine with network."
+        )
+
+    def build(self) -> tuple[Dataset[Any], Dataset[Any]]:
+        import torchvision
+        from torchvision import transforms
+
+        normalize = [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+        augment: list[Any] = []
+        if self.augment and self.in_channels == 3:
+            augment = [transforms.RandomCrop(self.image_size[0], padding=4), transforms.RandomHorizontalFlip()]
+        cls = getattr(torchvision.datasets, self.dataset)
+        try:
+            train = cls(
+                str(self.root), train=True, transform=transforms.Compose(augment + normalize), download=self.download
+            )
+            val = cls(str(self.root), train=False, transform=transforms.Compose(normalize), download=self.download)
+        except RuntimeError as err:  # torchvision: files missing or failing their checksum
+            raise self._absent(str(err).rstrip(".")) from None
+        return train, val
+
+
+DATAMODULES: dict[str, Callable[..., ClassificationDataModule]] = {
     "digits": DigitsDataModule,
     "mnist5k": MNIST5kDataModule,
     "imagefolder": ImageFolderDataModule,
+    "cifar10": functools.partial(TorchvisionDataModule, "CIFAR10"),
+    "cifar100": functools.partial(TorchvisionDataModule, "CIFAR100"),
+    "mnist": functools.partial(TorchvisionDataModule, "MNIST"),
+    "fashion_mnist": functools.partial(TorchvisionDataModule, "FashionMNIST"),
 }
 
 
 def get_datamodule(name: str, **kwargs: Any) -> ClassificationDataModule:
-    """Build a data module by name (``digits``, ``mnist5k``, ``imagefolder``).
+    """Build a data module by name (``digits``, ``mnist5k``, ``imagefolder``, ``cifar10``, ``cifar100``,
+    ``mnist``, ``fashion_mnist``).
 
     Raises:
         CompressionConfigError: an unknown name; the message lists the known ones.
     """
     if name not in DATAMODULES:
         raise config_error("data", one_of(DATAMODULES), name, did_you_mean(name, DATAMODULES))
-    return DATAMODULES[name](**kwargs)
+    factory = DATAMODULES[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as err:  # a missing or unknown argument
+        parameters = inspect.signature(factory).parameters.values()
+        takes = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in parameters)
+        raise CompressionConfigError(f"data {name!r}: {err}; it takes ({takes})") from None
+    return factory(**kwargs)

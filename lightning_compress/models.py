@@ -1,8 +1,8 @@
 """Models: a small CNN family for the embedded data and a torchvision factory.
 
 Every model takes ``num_classes`` and ``in_channels`` and works at any input size from 8x8 up
-(global pooling before the classifier). torchvision models are built without weights here;
-nothing is downloaded.
+(global pooling before the classifier). torchvision models start from random weights or from
+pretrained weights already in the local torch cache; nothing is downloaded.
 
 Example::
 
@@ -13,14 +13,16 @@ Example::
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_compress.errors import config_error, did_you_mean, one_of
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
 
 def _block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
@@ -85,7 +87,11 @@ def cnn_wide(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
-    """Replace the first Conv2d so it takes ``in_channels`` (same kernel, stride, padding)."""
+    """Replace the first Conv2d so it takes ``in_channels`` (same kernel, stride, padding).
+
+    Trained filters are carried over: summed over colour for one input channel, their colour mean
+    repeated (and rescaled) otherwise, so a pretrained network still sees edges.
+    """
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
@@ -95,19 +101,83 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
                         in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                         conv.dilation, conv.groups, conv.bias is not None,
                     )  # fmt: skip
+                    with torch.no_grad():
+                        mean = child.weight.mean(1, keepdim=True)
+                        new.weight.copy_(mean * child.in_channels / in_channels)
+                        if child.bias is not None and new.bias is not None:
+                            new.bias.copy_(child.bias)
                     setattr(parent, child_name, new)
                 return model
     return model
 
 
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """A fresh last ``nn.Linear`` with ``num_classes`` outputs (fine-tuning pretrained weights)."""
+    parent_name, _, child_name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1].rpartition(".")
+    head = model.get_submodule(parent_name).get_submodule(child_name)
+    if isinstance(head, nn.Linear) and head.out_features != num_classes:
+        setattr(model.get_submodule(parent_name), child_name, nn.Linear(head.in_features, num_classes))
+
+
+def cached_weights_file(name: str, weights: str) -> tuple[Any, Path]:
+    """torchvision's weights enum member for ``name`` and the file it would be read from in the local cache.
+
+    Raises:
+        CompressionConfigError: ``weights`` is not one of the model's weights.
+    """
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    choices = list(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is a member alias
+    if weights not in choices:
+        raise config_error("model.weights", one_of(choices), weights, did_you_mean(str(weights), choices))
+    member = enum[weights]
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(member.url).path).name
+    return member, file
+
+
+def load_cached_weights(name: str, weights: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The state dict of torchvision's pretrained ``weights`` for ``name``, from the local cache only.
+
+    Returns the state dict and its number of classes.
+
+    Raises:
+        CompressionConfigError: the file is not in the cache (nothing is downloaded) or cannot be read.
+    """
+    member, file = cached_weights_file(name, weights)
+    if not file.is_file():
+        raise CompressionConfigError(
+            f"model.weights: {name} {member} is not in the local torch cache: expected {str(file)!r}. "
+            f"Nothing is downloaded: copy the file there (torchvision fetches it from {member.url}), set "
+            "TORCH_HOME to the cache that holds it, or drop `weights:` to start from random weights."
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise CompressionConfigError(f"model.weights: cannot read {str(file)!r}: {err}") from None
+    return state, len(member.meta["categories"])
+
+
 def _torchvision(name: str) -> Callable[..., nn.Module]:
-    def factory(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    def factory(num_classes: int = 10, in_channels: int = 3, weights: str | None = None) -> nn.Module:
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if weights is None:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        else:  # pretrained: load the cached file into the original architecture, then adapt head and stem
+            state, classes = load_cached_weights(name, weights)
+            model = torchvision.models.get_model(name, weights=None, num_classes=classes)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:
+                raise CompressionConfigError(f"model.weights: the cached file does not fit {name}: {err}") from None
+            _replace_head(model, num_classes)
         return _adapt_first_conv(model, in_channels)
 
-    factory.__doc__ = f"torchvision's ``{name}`` (no pretrained weights) with ``num_classes`` and ``in_channels``."
+    factory.__doc__ = (
+        f"torchvision's ``{name}`` with ``num_classes`` and ``in_channels``; ``weights`` (e.g. ``DEFAULT``) are "
+        "read from the local torch cache only, with a new classifier head when ``num_classes`` differs."
+    )
     return factory
 
 

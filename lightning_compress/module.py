@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_compress.errors import config_error, one_of
-from lightning_compress.models import build_model
+from lightning_compress.errors import CompressionConfigError, config_error, one_of
+from lightning_compress.models import TORCHVISION_MODELS, build_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -32,6 +32,8 @@ class ClassificationModule(pl.LightningModule):
         optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9).
         weight_decay: weight decay.
         cosine: anneal the learning rate to zero over ``trainer.max_epochs`` (per epoch).
+        weights: pretrained torchvision weights for a torchvision model by name (``DEFAULT``,
+            ``IMAGENET1K_V1``, ...), read from the local torch cache only (a clear error otherwise).
 
     Example::
 
@@ -48,6 +50,7 @@ class ClassificationModule(pl.LightningModule):
         optimizer: str = "adam",
         weight_decay: float = 0.0,
         cosine: bool = False,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -55,7 +58,11 @@ class ClassificationModule(pl.LightningModule):
         if not lr > 0:
             raise config_error("lr", "> 0", lr)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        self.model = model if isinstance(model, nn.Module) else build_model(model, num_classes, in_channels)
+        if weights is not None and (not isinstance(model, str) or model not in TORCHVISION_MODELS):
+            names = ", ".join(TORCHVISION_MODELS)
+            raise CompressionConfigError(f"`weights` is only for the torchvision models ({names}), not {model!r}")
+        extra = {} if weights is None else {"weights": weights}
+        self.model = model if isinstance(model, nn.Module) else build_model(model, num_classes, in_channels, **extra)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 

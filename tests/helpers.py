@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
@@ -129,3 +130,62 @@ def logged_metrics(logger: CSVLogger, prefix: str) -> dict[str, str]:
     for row in rows:
         last.update({k: v for k, v in row.items() if k.startswith(prefix) and v not in ("", None)})
     return last
+
+
+def write_cifar10(root: Path, per_file: int = 8, seed: int = 0) -> Path:
+    """CIFAR10's python-pickle layout (five train batches, a test batch, the meta file) with random images.
+
+    torchvision also checks each file's MD5 against the real data set's; tests that read these files
+    replace that one check (``cifar_checksums_off``), the parsing is torchvision's own.
+    """
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, (per_file, 3 * 32 * 32), dtype=np.uint8),
+            "labels": [i % 10 for i in range(per_file)],
+        }
+        (folder / name).write_bytes(pickle.dumps({k: v for k, v in batch.items()}))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return root
+
+
+def cifar_checksums_off(monkeypatch: Any) -> None:
+    """Let torchvision's CIFAR reader accept files whose MD5 is not the real data set's (only the check)."""
+    import os
+
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+def write_mnist(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> Path:
+    """MNIST's raw IDX files (what torchvision's ``MNIST`` reads from ``root/MNIST/raw``), random digits."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        header = np.array([0x0803, n, 28, 28], dtype=">i4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([0x0801, n], dtype=">i4").tobytes() + labels.tobytes()
+        )
+    return root
+
+
+def write_pngs(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 5, size: int = 12) -> None:
+    """``root/<class>/<i>.png``: random RGB images in torchvision's ImageFolder layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")

@@ -5,6 +5,7 @@ import pytest
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.recipe import load_recipe
+from tests.helpers import cifar_checksums_off, write_cifar10, write_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "sweeps")
@@ -17,8 +18,9 @@ def test_every_shipped_recipe_is_valid_and_builds_its_callbacks(path, tmp_path, 
     assert text.startswith("#") and "Run" in text.split("\nseed")[0]  # a header saying how to run it
     recipe = load_recipe(path)
     assert recipe.trainer_kwargs()["max_epochs"] > 0
-    if "distillation" in recipe.config["compression"]:  # its teacher comes from teacher_dense.yaml
-        with pytest.raises(CompressionConfigError, match=r"runs/mnist5k-teacher/model.ckpt.*no such file"):
+    if "distillation" in recipe.config["compression"]:  # its teacher comes from another recipe
+        teachers = r"runs/(mnist5k-teacher|cifar10-resnet18)/model.ckpt.*no such file"
+        with pytest.raises(CompressionConfigError, match=teachers):
             recipe.callbacks()
     else:
         assert recipe.callbacks()
@@ -169,3 +171,52 @@ def test_a_recipe_run_sends_every_figure_to_wandb(tmp_path, monkeypatch):
         assert key in summary, key
     assert dict(run.config)["compression"]["pruning"]["final_sparsity"] == 0.8  # the resolved recipe
     run.finish()
+
+
+QUICK = ["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+QUICK += ["--compression.pruning.start_epoch=0", "--compression.pruning.end_epoch=1"]
+QUICK += ["--compression.quantization.start_epoch=1", "--compression.export.plots=false"]
+
+
+@pytest.mark.slow
+def test_cifar10_recipes_train_on_files_on_disk_and_chain_teacher_to_student(tmp_path, monkeypatch):
+    import json
+
+    from lightning_compress.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cifar_checksums_off(monkeypatch)
+    write_cifar10(tmp_path / "data" / "cifar10", per_file=8)
+    small = [*QUICK, "--data.batch_size=16", "--data.num_workers=0"]
+    assert main(["fit", str(ROOT / "recipes" / "cifar10" / "resnet18.yaml"), *small]) == 0
+    report = json.loads((tmp_path / "runs" / "cifar10-resnet18" / "report.json").read_text())
+    assert report["structure"]["physical"] and report["after"]["params"] < 0.3 * report["before"]["params"]
+    assert all(check["passed"] for check in report["verification"].values())
+    # the student recipe's teacher is the file the first recipe exported
+    assert main(["fit", str(ROOT / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"), *small]) == 0
+    report = json.loads((tmp_path / "runs" / "cifar10-mobilenet_v3_small" / "report.json").read_text())
+    assert set(report["files"]) == {"checkpoint", "onnx", "onnx_int8"}
+
+
+def test_cifar10_recipe_without_the_data_is_exit_2_with_the_folder_named(tmp_path, monkeypatch, capsys):
+    from lightning_compress.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", str(ROOT / "recipes" / "cifar10" / "resnet18.yaml"), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR10 is not under `root` 'data/cifar10'" in err and "data/cifar10/cifar-10-batches-py" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_imagefolder_recipe_trains_on_a_folder_of_images(tmp_path, monkeypatch):
+    import json
+
+    from lightning_compress.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_pngs(tmp_path / "images", classes=("a", "b", "c"), per_class=6, size=40)
+    recipe = str(ROOT / "recipes" / "imagefolder" / "prune_quantize.yaml")
+    assert main(["fit", recipe, *QUICK, "--data.root=images", "--data.image_size=32", "--data.batch_size=8"]) == 0
+    report = json.loads((tmp_path / "runs" / "imagefolder-mobilenet_v2" / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values())

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from lightning_compress.errors import CompressionConfigError
+from lightning_compress.recipe import load_recipe
 from lightning_compress.sweep import load_sweep, pareto_front, run_sweep, trials
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,8 @@ def test_shipped_sweeps_are_valid_wandb_sweeps(path):
     sweep = load_sweep(path)
     assert sweep["command"][-1] == "${args}" and "fit" in sweep["command"]
     assert (ROOT / sweep["recipe"]).exists()
+    for parameters in trials(sweep, 3):  # every swept key is a valid override of its recipe
+        load_recipe(ROOT / sweep["recipe"], [f"--{key}={value}" for key, value in parameters.items()])
 
 
 def test_grid_and_random_trials():

@@ -33,7 +33,8 @@ class CompressionExport(Callback):
     shrink consistently; where tracing fails the masks stay, with a warning and the reason in the
     report); the files are exported, every ONNX file is run by ONNX Runtime on a real validation
     batch and compared with the PyTorch model (fp32: tight tolerance; int8: against the fake-quant
-    model, within two output quantisation steps) — a failed check raises
+    model, within 2·√(quantised layers) output quantisation steps and top-1 agreement ≥ 0.9: the
+    two round differently layer by layer) — a failed check raises
     :class:`~lightning_compress.report.ExportVerificationError` and nothing is written. Then
     ``report.json`` (keys documented in :mod:`lightning_compress.report`), ``report.md`` and PNG
     plots compare the model as fit started with the exported one: params, non-zeros, MACs, bytes

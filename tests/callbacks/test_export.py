@@ -47,7 +47,13 @@ def test_exports_verifies_and_reports(tmp_path):
     export = CompressionExport(out)
     _, module = compressed_run(out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "before_after.png", "layers.png", "model.ckpt", "model.int8.onnx", "model.onnx", "report.json", "report.md",
+        "before_after.png",
+        "layers.png",
+        "model.ckpt",
+        "model.int8.onnx",
+        "model.onnx",
+        "report.json",
+        "report.md",
     ]  # fmt: skip  (nothing temporary left behind)
     report = json.loads((out / "report.json").read_text())
     assert report["version"] == REPORT_VERSION and report["model"] == "TinyModule"
