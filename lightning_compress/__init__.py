@@ -11,9 +11,10 @@ from lightning_compress.data import (
     DigitsDataModule,
     ImageFolderDataModule,
     MNIST5kDataModule,
+    TorchvisionDataModule,
     get_datamodule,
 )
-from lightning_compress.errors import CompressionConfigError
+from lightning_compress.errors import CompressionConfigError, TrainingDivergedError
 from lightning_compress.export import export_onnx
 from lightning_compress.measure import summarize
 from lightning_compress.models import build_model
@@ -36,6 +37,8 @@ __all__ = [
     "MagnitudePruning",
     "QuantizationAwareTraining",
     "Recipe",
+    "TorchvisionDataModule",
+    "TrainingDivergedError",
     "build_model",
     "export_onnx",
     "fold_masks",

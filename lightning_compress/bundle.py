@@ -106,7 +106,8 @@ def _bundle(
         _measure(path, batch, val, figures_after)
         files["onnx"] = {"path": path.name, "bytes": path.stat().st_size}
     if "onnx_int8" in formats:
-        path = export_onnx(model, example.to(device), tmp / FILES["onnx_int8"], int8=True)
+        shrink = bool(structure["physical"] and structure["removed_channels"])
+        path = export_onnx(model, example.to(device), tmp / FILES["onnx_int8"], int8=True, physical=shrink)
         if verify:
             with torch.no_grad():
                 reference = model(batch.to(device)).cpu()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from lightning_compress.errors import CompressionConfigError
+from lightning_compress.errors import CompressionConfigError, TrainingDivergedError
 from lightning_compress.report import ExportVerificationError
 
 
@@ -101,19 +103,33 @@ def fit_recipe(path: str, overrides: Sequence[str], print_config: bool = False, 
     if print_config:
         print(yaml.safe_dump(recipe.config, sort_keys=False), end="")
         return 0
-    if not train:
-        callbacks = recipe.callbacks()  # builds every callback: a missing teacher file fails here
+    if not train:  # build everything a fit would, short of reading the data: a missing teacher file fails here
+        callbacks = recipe.callbacks()
+        recipe.datamodule()
+        recipe.model()
+        build_trainer(recipe, list(callbacks), [])  # the Trainer appends its own callbacks to the list
         print(f"{path}: valid ({', '.join(type(c).__name__ for c in callbacks) or 'no compression'})")
         return 0
     print({k: round(v, 4) for k, v in train_recipe(path, overrides).items()})
     return 0
 
 
+def build_trainer(recipe: Any, callbacks: list[Any], loggers: list[Any]) -> Any:
+    """``lightning.Trainer`` from the recipe; Lightning's own refusals become a :class:`CompressionConfigError`."""
+    import lightning.pytorch as pl
+
+    try:
+        return pl.Trainer(callbacks=callbacks, logger=loggers or False, **recipe.trainer_kwargs())
+    except (ValueError, TypeError) as err:  # MisconfigurationException is a ValueError
+        raise CompressionConfigError(f"trainer: {err}") from None
+
+
 def train_recipe(
     path: str, overrides: Sequence[str], run_name: str | None = None, log_dir: str | None = None
 ) -> dict[str, float]:
-    """Train a recipe; return the final logged figures and ``model_bytes`` (the int8 / fp32 ONNX file
-    when the recipe exports, else the weights in a sparse format)."""
+    """Train a recipe; return the final logged figures and ``model_bytes``: the exported ONNX file (int8
+    when written, else fp32) zlib-compressed, as shipped over the wire, so pruned zeros count; without
+    an export, the weights in a bitmap sparse format."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
@@ -127,13 +143,17 @@ def train_recipe(
     loggers = recipe.loggers(run_name)
     if not loggers and log_dir is not None:
         loggers = [CSVLogger(log_dir, name=run_name or "run")]
-    trainer = pl.Trainer(callbacks=callbacks, logger=loggers or False, **recipe.trainer_kwargs())
+    trainer = build_trainer(recipe, callbacks, loggers)
     model = recipe.model()
     trainer.fit(model, datamodule=recipe.datamodule())
     figures = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     export = next((c for c in callbacks if isinstance(c, CompressionExport)), None)
-    after = export.report.get("after", {}) if export is not None else {}
-    figures["model_bytes"] = float(after.get("int8_onnx_bytes") or after.get("onnx_bytes") or sparse_bytes(model))
+    files = export.report.get("files", {}) if export is not None else {}
+    onnx = files.get("onnx_int8") or files.get("onnx")
+    if export is not None and onnx is not None:
+        figures["model_bytes"] = float(len(zlib.compress(Path(onnx["path"]).read_bytes(), 9)))
+    else:
+        figures["model_bytes"] = float(sparse_bytes(model))
     return figures
 
 
@@ -167,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressionConfigError as err:
         print(f"lightning-compress: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as err:
+        print(f"lightning-compress: error: {err}", file=sys.stderr)
+        return 1
     except ExportVerificationError as err:  # the run worked, its export did not reproduce it: nothing written
         print(f"lightning-compress: export failed verification, nothing written: {err}", file=sys.stderr)
         return 1

@@ -114,10 +114,12 @@ def share_ranges(model: nn.Module, example: Any) -> list[str]:
     for name, layer in layers.items():
         produced = last.get(names[id(weight_quantizer(layer).bn or layer)])
         tensor, version = (produced.result, produced.result_version) if produced else (None, 0)
+        followed: set[int] = set()
         while tensor is not None:
-            calls = [c for c in consumers.get(id(tensor), []) if c.version == version]
+            calls = [c for c in consumers.get(id(tensor), []) if c.version == version and id(c) not in followed]
             in_place = [c for c in calls if c.result is tensor and isinstance(modules[c.name], RANGE_PRESERVING_TYPES)]
-            if len(in_place) == 1:  # an in-place ReLU: the same tensor goes on, one version later
+            if len(in_place) == 1:  # an in-place ReLU (one version later) or an Identity (the same tensor) goes on
+                followed.add(id(in_place[0]))
                 version = in_place[0].result_version
                 continue
             if len(calls) != 1:

@@ -1,4 +1,5 @@
-"""The project's one error type and its message template."""
+"""The project's errors: bad input (:class:`CompressionConfigError`, with its message template) and a
+diverged run (:class:`TrainingDivergedError`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ class CompressionConfigError(ValueError):
     Every message names the argument (or module), what is allowed and what was given, and may
     end with a ``HINT:`` when a likely fix exists.
     """
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite: the run stopped and nothing was exported."""
 
 
 def config_error(name: str, allowed: str, got: Any, hint: str | None = None) -> CompressionConfigError:

@@ -47,7 +47,11 @@ OPSET = 18
 
 @torch.no_grad()
 def _fold_bn_into(layer: nn.Module, bn: nn.Module, weight: Tensor) -> tuple[Tensor, Tensor]:
-    factor = q.bn_fold_factor(bn)
+    # The exact factor, 0 where gamma was pruned to 0: such a channel outputs beta alone (training's
+    # `bn_fold_factor` uses 1 there only to keep the weight's quantisation scale finite).
+    factor = torch.rsqrt(cast(Tensor, bn.running_var) + cast(float, bn.eps))
+    if bn.weight is not None:
+        factor = factor * cast(Tensor, bn.weight)
     mean, beta = cast(Tensor, bn.running_mean), bn.bias
     bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
     folded_bias = (cast(Tensor, bias) - mean) * factor + (cast(Tensor, beta) if beta is not None else 0.0)
@@ -55,12 +59,13 @@ def _fold_bn_into(layer: nn.Module, bn: nn.Module, weight: Tensor) -> tuple[Tens
 
 
 @torch.no_grad()
-def inference_copy(model: nn.Module, example_input: Tensor) -> nn.Module:
+def inference_copy(model: nn.Module, example_input: Tensor, physical: bool = False) -> nn.Module:
     """A deep copy of ``model`` ready to export as int8 QDQ.
 
     Masks are folded into the weights, folded BatchNorms become ``Identity`` (their effect moves
     into the Conv weight and bias), weights are snapped to their quantisation grid with constant
-    scales, and activation fake quantisation uses the observers' constant ranges.
+    scales, and activation fake quantisation uses the observers' constant ranges. With
+    ``physical``, whole zero output channels are then removed (:func:`_remove_zero_channels_int8`).
 
     Raises:
         CompressionConfigError: the model has no enabled fake quantisation, or an observer never saw data.
@@ -75,6 +80,7 @@ def inference_copy(model: nn.Module, example_input: Tensor) -> nn.Module:
     fold_masks(export)
     share_ranges(export, example_input)  # as the QAT callback did on its first batch
     names = {id(m): n for n, m in export.named_modules()}
+    grids: dict[str, tuple[int, bool]] = {}
     for name, layer in q.quantized_layers(export).items():
         quant = q.weight_quantizer(layer)
         for attr in (q.INPUT_QUANT, q.OUTPUT_QUANT):
@@ -87,12 +93,40 @@ def inference_copy(model: nn.Module, example_input: Tensor) -> nn.Module:
             swap_modules(export, {names[id(bn)]: nn.Identity()})
         scale = q.weight_scale(weight, quant.bits, quant.per_channel)
         q.unparametrize_weight(layer, q.fake_quant_weight(weight, scale, quant.bits))  # on the grid
-        zero = torch.zeros(scale.numel(), dtype=torch.int8)
-        parametrize.register_parametrization(layer, "weight", q.ConstantQDQ(scale, zero, axis=0))
+        grids[name] = (quant.bits, quant.per_channel)
+        _constant_weight_qdq(layer, scale)
         layer.add_module(q.INPUT_QUANT, getattr(layer, q.INPUT_QUANT).constant())
         output = getattr(layer, q.OUTPUT_QUANT)
         q.set_output_quantizer(layer, layer, nn.Identity() if output.bypass else output.constant())
-    return export
+    return _remove_zero_channels_int8(export, example_input, grids) if physical else export
+
+
+def _constant_weight_qdq(layer: nn.Module, scale: Tensor) -> None:
+    zero = torch.zeros(scale.numel(), dtype=torch.int8)
+    parametrize.register_parametrization(layer, "weight", q.ConstantQDQ(scale, zero, axis=0))
+
+
+def _remove_zero_channels_int8(
+    export: nn.Module, example_input: Tensor, grids: dict[str, tuple[int, bool]]
+) -> nn.Module:
+    """Remove whole zero output channels from an :func:`inference_copy`, as the fp32 export does.
+
+    The weights are already on their int8 grid: Torch-Pruning removes channels from the plain grid
+    weights, then each layer's per-channel scales are recomputed from what is left (each kept
+    channel's largest grid value is ``qmax`` times its old scale, so its integers do not change).
+    A model Torch-Pruning cannot trace is returned with its zero channels kept.
+    """
+    from lightning_compress.structured import remove_zero_channels
+
+    for name in grids:
+        q.unparametrize_weight(export.get_submodule(name))  # the stored original: the grid weight
+    smaller, info = remove_zero_channels(export, example_input)
+    for name, (bits, per_channel) in grids.items():
+        layer = smaller.get_submodule(name)
+        _constant_weight_qdq(layer, q.weight_scale(weight_of(layer).detach(), bits, per_channel))
+    if not info["traced"]:
+        warnings.warn(f"int8 export keeps its zero channels: {info['reason']}", stacklevel=2)
+    return smaller
 
 
 def detached_copy(model: nn.Module) -> nn.Module:
@@ -280,7 +314,9 @@ def _to_onnx(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:
     return program.model_proto
 
 
-def export_onnx(model: nn.Module, example_input: Tensor, path: str | os.PathLike[str], int8: bool = False) -> Path:
+def export_onnx(
+    model: nn.Module, example_input: Tensor, path: str | os.PathLike[str], int8: bool = False, physical: bool = False
+) -> Path:
     """Export ``model`` to ONNX at ``path`` (batch dimension dynamic), atomically.
 
     Args:
@@ -289,6 +325,8 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: str | os.PathLike
         path: the file to write.
         int8: write an int8 QDQ model from the model's QAT state (weights stored as int8);
             otherwise an fp32 model with fake quantisation switched off.
+        physical: with ``int8``, remove whole zero output channels (the fp32 path gets a model
+            already shrunk by :func:`lightning_compress.structured.remove_zero_channels`).
 
     Returns:
         The path written.
@@ -297,7 +335,7 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: str | os.PathLike
         CompressionConfigError: ``int8=True`` on a model without QAT state; the folder cannot be written.
     """
     path = Path(path)
-    export = (inference_copy(model, example_input) if int8 else float_copy(model)).requires_grad_(False)
+    export = (inference_copy(model, example_input, physical) if int8 else float_copy(model)).requires_grad_(False)
     example = example_input.detach().to(next(export.parameters()).device)
     proto = _to_onnx(export, example)
     if int8:

@@ -106,7 +106,14 @@ class Recipe:
         return loggers
 
     def model(self) -> Any:
-        """The LightningModule: a built-in ``ClassificationModule`` or the recipe's ``class_path``."""
+        """The LightningModule: a built-in ``ClassificationModule`` or the recipe's ``class_path``.
+
+        Raises:
+            CompressionConfigError: a value the module's constructor refuses (with the section named).
+        """
+        return _built("model", self._model)
+
+    def _model(self) -> Any:
         section = dict(self.config.get("model") or {})
         checkpoint = section.pop("checkpoint", None)
         if "class_path" in section:
@@ -127,7 +134,14 @@ class Recipe:
         return module
 
     def datamodule(self) -> Any:
-        """The LightningDataModule: a built-in name or the recipe's ``class_path``."""
+        """The LightningDataModule: a built-in name or the recipe's ``class_path``.
+
+        Raises:
+            CompressionConfigError: a value the data module's constructor refuses (with the section named).
+        """
+        return _built("data", self._datamodule)
+
+    def _datamodule(self) -> Any:
         section = dict(self.config.get("data") or {})
         if "class_path" in section:
             return _import_class(section["class_path"], "data.class_path", "LightningDataModule")(
@@ -138,6 +152,16 @@ class Recipe:
         name = section.pop("name", "mnist5k")
         section.setdefault("seed", self.seed)
         return get_datamodule(name, **section)
+
+
+def _built(section: str, build: Callable[[], Any]) -> Any:
+    """``build()``, with a constructor's own ``TypeError`` / ``ValueError`` as a :class:`CompressionConfigError`."""
+    try:
+        return build()
+    except CompressionConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. torchmetrics refusing num_classes=0, a user class's check
+        raise CompressionConfigError(f"{section}: {err}") from None
 
 
 def load_recipe(path: str | os.PathLike[str] | Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:
@@ -262,10 +286,12 @@ def _describe(hint: Any) -> str:
     return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", text)  # typing.Sequence -> Sequence, torch.nn....Module -> Module
 
 
-def _check_arguments(prefix: str, factory: Callable[..., Any], arguments: Mapping[str, Any]) -> list[str]:
+def _check_arguments(
+    prefix: str, factory: Callable[..., Any], arguments: Mapping[str, Any], what: str | None = None
+) -> list[str]:
     """Unknown keys (with did-you-mean) and values whose YAML type cannot fit the annotation."""
     allowed = _parameters(factory)
-    problems = [_unknown(key, allowed, prefix) for key in arguments if key not in allowed]
+    problems = [_unknown(key, allowed, prefix, what) for key in arguments if key not in allowed]
     target = factory.func if isinstance(factory, functools.partial) else factory
     try:
         hints = typing.get_type_hints(getattr(target, "__init__", target) if isinstance(target, type) else target)
@@ -320,9 +346,10 @@ def _check_data(section: Mapping[str, Any]) -> list[str]:
 def _check_trainer(section: Mapping[str, Any]) -> list[str]:
     import lightning.pytorch as pl
 
-    allowed = [n for n in _parameters(pl.Trainer.__init__) if n not in ("callbacks", "logger")]
-    what = "lightning.Trainer's arguments"
-    return [_unknown(key, allowed, "trainer.", what) for key in section if key not in allowed]
+    refused = [f"trainer.{key}: set by the recipe itself (use `compression` / `logger`)" for key in section
+               if key in ("callbacks", "logger")]  # fmt: skip
+    rest = {k: v for k, v in section.items() if k not in ("callbacks", "logger")}
+    return refused + _check_arguments("trainer.", pl.Trainer, rest, "lightning.Trainer's arguments")
 
 
 def _check_compression(section: Mapping[str, Any]) -> list[str]:

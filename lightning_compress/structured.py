@@ -66,7 +66,7 @@ def remove_zero_channels(
     before = sum(p.numel() for p in model.parameters())
     info: dict[str, Any] = {"params_before": before, "params_after": before, "removed_channels": {}, "traced": True}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.enable_grad():  # the graph is traced through autograd
             warnings.simplefilter("ignore")
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     except Exception as error:  # custom ops, data-dependent control flow: keep the masks

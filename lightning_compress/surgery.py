@@ -128,6 +128,26 @@ def _kind(name: str) -> str:
     return "bias" if name.split(".")[-1] == "bias" or name.endswith("bias.original") else "weight"
 
 
+def check_strategy(trainer: Any, what: str) -> None:
+    """Refuse strategies that shard or wrap the parameters in ways the callbacks cannot see whole.
+
+    Single-device and DDP (one node or several; ``ddp``, ``ddp_spawn``, ``ddp_fork``) are supported.
+
+    Raises:
+        CompressionConfigError: FSDP, DeepSpeed, model-parallel or any other strategy.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)  # DeepSpeed subclasses DDP
+    if not (ddp or isinstance(strategy, SingleDeviceStrategy)):
+        raise CompressionConfigError(
+            f"{what} supports Lightning's single-device and DDP strategies (on one node or several), not "
+            f"{type(strategy).__name__}: it shards or wraps the parameters that masks, fake quantisation and "
+            "factorisation must see whole. HINT: use strategy='ddp'"
+        )
+
+
 def replace_modules(
     trainer: pl.Trainer, pl_module: pl.LightningModule, replacements: Mapping[str, nn.Module]
 ) -> dict[str, nn.Module]:
@@ -147,14 +167,10 @@ def replace_modules(
     Raises:
         CompressionConfigError: a strategy other than single-device or DDP (e.g. FSDP, DeepSpeed).
     """
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy
 
+    check_strategy(trainer, "replacing modules during fit")
     strategy = trainer.strategy
-    if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
-        raise CompressionConfigError(
-            f"changing the model's structure during fit is supported with a single device or strategy='ddp', "
-            f"not {type(strategy).__name__}. HINT: use strategy='ddp' (or drop LowRankFactorization)"
-        )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for module in replacements.values():
             for tensor in module.state_dict().values():

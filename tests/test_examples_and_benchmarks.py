@@ -73,3 +73,17 @@ def test_pruning_benchmark_smoke(tmp_path):
     assert "Interleaved timing at target 0.5" in stdout
     saved = json.loads((tmp_path / "pruning_vs_modelpruning.json").read_text())
     assert saved["runs"][0]["0.5/ours"]["sparsity"] > 0.49
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_says_so_without_cuda_and_its_plumbing_runs_on_cpu(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "no CUDA device here" in run_benchmark("gpu.py", [], tmp_path)
+    args = ["--accelerator", "cpu", "--precision", "32-true", "--size", "32", "--batch", "4"]
+    args += ["--steps", "2", "--warmup", "1", "--rounds", "1", "--arms", "plain", "all"]  # `all` has every callback
+    stdout = run_benchmark("gpu.py", args, tmp_path)
+    assert "| all |" in stdout and "| plain |" in stdout
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(saved["times"]) == {"plain", "all"}

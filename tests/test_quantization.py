@@ -172,6 +172,15 @@ def test_functional_ops_keep_their_output_quantiser():
     assert share_ranges(net, torch.randn(2, 1, 8, 8)) == []
 
 
+def test_an_identity_module_between_layers_ends_the_search():
+    net = TinyNet(bn=False)  # bn1 / bn2 are nn.Identity: the same tensor comes back (this looped forever)
+    q.attach(net)
+    assert share_ranges(net, torch.randn(2, 1, 8, 8)) == []
+    chain = nn.Sequential(nn.Linear(4, 4), nn.Identity(), nn.ReLU(), nn.Linear(4, 2))
+    q.attach(chain)
+    assert share_ranges(chain, torch.randn(2, 4)) == ["0"]
+
+
 def test_freeze_bn_puts_folded_batchnorms_in_eval_mode():
     net, _ = quantised(bn=True)
     q.freeze_bn(net)

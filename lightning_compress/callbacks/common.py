@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_compress.errors import CompressionConfigError, config_error
+from lightning_compress.errors import CompressionConfigError, TrainingDivergedError, config_error
 
 
 def check_names(name: str, value: Any) -> list[str] | None:
@@ -58,3 +62,37 @@ def batch_input(batch: Any) -> Tensor:
 def distributed() -> bool:
     """Whether a multi-process group is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CompressionCallback(Callback):
+    """What every callback of this package does: refuse unsupported strategies (``check_strategy`` from
+    each ``setup``), stop a diverged run before anything is exported (:func:`check_finite_loss`) and
+    hold no reference to the model after ``fit``."""
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        check_finite_loss(trainer, outputs)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning sets `callback.log = pl_module.log` (a bound method) on every callback and never
+        # removes it: a callback reused for another fit would keep the last model alive.
+        for name in ("log", "log_dict"):
+            vars(self).pop(name, None)
+
+
+def check_finite_loss(trainer: Any, outputs: Any) -> None:
+    """Stop a run whose training loss is NaN or infinite, before anything is exported.
+
+    Raises:
+        TrainingDivergedError: with the epoch, batch and what to try.
+    """
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+        raise TrainingDivergedError(
+            f"the training loss is {float(loss.detach().float().mean())} at epoch {trainer.current_epoch}, "
+            f"global step {trainer.global_step}: training stopped and nothing was exported. HINT: lower the "
+            "learning rate, start quantisation or pruning later, or check the data for NaN/inf"
+        )

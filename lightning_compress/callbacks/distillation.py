@@ -17,20 +17,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress import distillation as core
-from lightning_compress.callbacks.common import batch_input, distributed, is_number
+from lightning_compress.callbacks.common import CompressionCallback, batch_input, distributed, is_number
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
-from lightning_compress.surgery import add_param_group
+from lightning_compress.surgery import add_param_group, check_strategy
 
 _WRAPPED = "_lightning_compress_kd_original"  # marks a training_step wrapped by this callback
 
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(CompressionCallback):
     """Distil a frozen teacher into the module being trained: response KD and, optionally, feature KD.
 
     Response KD (Hinton et al. 2015): ``KL(softmax(t/T) || softmax(s/T)) * T**2`` mixed with the
@@ -159,6 +158,7 @@ class KnowledgeDistillation(Callback):
     # -- set-up: check the pair early, wrap the training step for the length of the fit -----------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         _unwrap(pl_module)  # an interrupted fit may have left a wrapper behind
         if stage != "fit":
             return
@@ -308,6 +308,7 @@ class KnowledgeDistillation(Callback):
     # -- end of fit and checkpoint state ---------------------------------------------------------
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         _unwrap(pl_module)
         self._optimizer, self._schedulers = None, []
         self._student_layers, self._output = {}, None  # no reference to the model outlives the fit

@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress import report as rep
 from lightning_compress.bundle import FORMATS, write_bundle
+from lightning_compress.callbacks.common import CompressionCallback
 from lightning_compress.errors import CompressionConfigError, config_error
 from lightning_compress.export import float_copy
 from lightning_compress.quantization import quantized_layers
+from lightning_compress.surgery import check_strategy
+
+LABEL_KEYS = ("target", "label", "labels", "y")  # where a dict batch keeps its labels
 
 
-class CompressionExport(Callback):
+class CompressionExport(CompressionCallback):
     """Write the compressed model as ONNX fp32, ONNX int8 QDQ and a checkpoint, verify them, and report.
 
     At the end of ``fit``, on rank zero: masks are folded; whole zero output channels (pattern
@@ -47,7 +50,8 @@ class CompressionExport(Callback):
         formats: any of ``onnx``, ``onnx_int8``, ``checkpoint``; default all three when the trainer has
             a ``QuantizationAwareTraining`` callback, else ``onnx`` and ``checkpoint``.
         example_input: a batch to trace and measure with; default the module's
-            ``example_input_array`` or the first validation batch.
+            ``example_input_array`` or the first validation batch (a tuple ``(x, y)`` or a dict with
+            ``"input"`` and one of ``"target"``, ``"label"``, ``"labels"``, ``"y"``).
         verify: run the ONNX Runtime checks.
         physical: remove zero channels physically.
         plots: write PNG plots (needs matplotlib).
@@ -93,6 +97,7 @@ class CompressionExport(Callback):
     # -- checks before any compute -----------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         if stage != "fit":
             return
         from lightning_compress.callbacks.quantization import QuantizationAwareTraining
@@ -156,6 +161,10 @@ class CompressionExport(Callback):
                 break
             if isinstance(item, (list, tuple)) and len(item) >= 2 and isinstance(item[1], Tensor):
                 batches.append((item[0].cpu(), item[1].cpu()))
+            elif isinstance(item, Mapping) and isinstance(item.get("input"), Tensor):  # {"input": x, "target": y}
+                label = next((item[k] for k in LABEL_KEYS if isinstance(item.get(k), Tensor)), None)
+                if label is not None:
+                    batches.append((item["input"].cpu(), label.cpu()))
         return batches
 
     def _example(self, pl_module: pl.LightningModule, val: list[tuple[Tensor, Tensor]]) -> Tensor:

@@ -11,22 +11,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress import low_rank as core
-from lightning_compress.callbacks.common import check_names
+from lightning_compress.callbacks.common import CompressionCallback, check_names
 from lightning_compress.errors import CompressionConfigError, config_error
 from lightning_compress.pruning import select_layers
-from lightning_compress.surgery import notify, replace_modules
+from lightning_compress.surgery import check_strategy, notify, replace_modules
 
 DEFAULT_RATIO = 0.5
 
 
-class LowRankFactorization(Callback):
+class LowRankFactorization(CompressionCallback):
     """Factorise the selected Linear/Conv2d layers at the start of epoch ``epoch``, then train on.
 
     Linear layers by truncated SVD (two Linears); Conv2d by spatial SVD (``k×k`` to ``r`` channels,
@@ -96,6 +95,7 @@ class LowRankFactorization(Callback):
     # -- set-up: check the selection; rebuild the structure whenever a factorised checkpoint loads --
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         if stage == "fit":
             self.factorized, self.skipped = {}, {}
         if not any(isinstance(m, core.LowRank) for m in pl_module.modules()):  # a model not factorised yet
@@ -165,6 +165,7 @@ class LowRankFactorization(Callback):
     # -- end of fit and checkpoint state -----------------------------------------------------------
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._hook is not None:
             self._hook.remove()
         self._hook, self._trainer = None, None

@@ -12,25 +12,32 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress import pruning as core
-from lightning_compress.callbacks.common import batch_input, check_epoch, check_names, distributed, is_number
+from lightning_compress.callbacks.common import (
+    CompressionCallback,
+    batch_input,
+    check_epoch,
+    check_names,
+    distributed,
+    is_number,
+)
 from lightning_compress.dataflow import find_bn_pairs
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 from lightning_compress.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.structured import coupled_layers
+from lightning_compress.surgery import check_strategy
 
 DEFAULT_SPARSITY = 0.9
 UPDATES_PER_RAMP = 16  # default: about 16 mask updates over the ramp ...
 MAX_UPDATES_PER_EPOCH = 2  # ... but at most two an epoch (each costs a few ms)
 
 
-class MagnitudePruning(Callback):
+class MagnitudePruning(CompressionCallback):
     """Prune Conv/Linear weights by magnitude on a schedule while the model trains.
 
     Masks are boolean buffers on the pruned modules (``weight_mask``), so checkpoints hold them;
@@ -162,6 +169,7 @@ class MagnitudePruning(Callback):
     # -- set-up: select layers and give them masks before any checkpoint is restored --------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         if stage == "fit":  # a new run starts its schedule afresh; a resumed one loads its state after this
             self.last_update_step, self.current_target = -1, 0.0
         self._stage = stage
@@ -305,6 +313,7 @@ class MagnitudePruning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -10,18 +10,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_compress import quantization as core
-from lightning_compress.callbacks.common import batch_input, check_epoch, check_names
+from lightning_compress.callbacks.common import (
+    CompressionCallback,
+    batch_input,
+    check_epoch,
+    check_names,
+)
 from lightning_compress.dataflow import find_bn_pairs, share_ranges
 from lightning_compress.errors import config_error
+from lightning_compress.surgery import check_strategy
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(CompressionCallback):
     """Fake-quantise Conv/Linear weights and activations from ``start_epoch`` on.
 
     Weights: symmetric, per output channel (or per tensor), 2–8 bits, BatchNorm folded in
@@ -102,6 +107,7 @@ class QuantizationAwareTraining(Callback):
     # -- attach before any checkpoint is restored; fold BatchNorms once a real batch is at hand ----
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         core.attach(pl_module, self.config, self.include, self.exclude)
         self._linked = False
         self._folded_bns = []
@@ -170,6 +176,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._now["enabled"] and not self._now["observers_frozen"]:
             core.sync_observers(pl_module)  # every rank ends each step with the same ranges
 
