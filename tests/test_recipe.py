@@ -325,7 +325,7 @@ def test_mutated_recipes_through_the_command_exit_0_or_2_never_a_traceback(case,
     config, what, key = case
     path = tmp_path_factory.mktemp("fuzz") / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
-    code = main(["validate", str(path), "--trainer.enable_progress_bar=false"])
+    code = main(["validate", str(path)])
     err = capsys.readouterr().err
     event(f"exit {code}")
     assert code in (0, 2), what
