@@ -303,13 +303,17 @@ def _check_arguments(
     return problems
 
 
+def _check_class_path_section(name: str, section: Mapping[str, Any], allowed: Sequence[str]) -> list[str]:
+    """The keys of a ``class_path`` section (the class itself is checked by :func:`_import_class`)."""
+    problems = [_unknown(key, allowed, f"{name}.") for key in section if key not in allowed]
+    if not isinstance(section.get("init_args", {}), dict):
+        problems.append(f"{name}.init_args: must be a mapping, got {section['init_args']!r}")
+    return problems
+
+
 def _check_model(section: Mapping[str, Any]) -> list[str]:
     if "class_path" in section:
-        allowed = ("class_path", "init_args", "checkpoint")
-        problems = [_unknown(key, allowed, "model.") for key in section if key not in allowed]
-        if not isinstance(section.get("init_args", {}), dict):
-            problems.append(f"model.init_args: must be a mapping, got {section['init_args']!r}")
-        return problems
+        return _check_class_path_section("model", section, ("class_path", "init_args", "checkpoint"))
     from lightning_compress.models import MODELS
     from lightning_compress.module import OPTIMIZERS, ClassificationModule
 
@@ -327,14 +331,7 @@ def _check_model(section: Mapping[str, Any]) -> list[str]:
 
 def _check_data(section: Mapping[str, Any]) -> list[str]:
     if "class_path" in section:
-        problems = [
-            _unknown(key, ("class_path", "init_args"), "data.")
-            for key in section
-            if key != "class_path" and key != "init_args"
-        ]
-        if not isinstance(section.get("init_args", {}), dict):
-            problems.append(f"data.init_args: must be a mapping, got {section['init_args']!r}")
-        return problems
+        return _check_class_path_section("data", section, ("class_path", "init_args"))
     from lightning_compress.data import DATAMODULES
 
     name = section.get("name", "mnist5k")
@@ -368,9 +365,7 @@ def _check_compression(section: Mapping[str, Any]) -> list[str]:
             continue
         try:
             factories[name](**arguments)
-        except CompressionConfigError as error:
-            problems.append(f"compression.{name}: {error}")
-        except TypeError as error:
+        except (CompressionConfigError, TypeError) as error:
             problems.append(f"compression.{name}: {error}")
     return problems
 
