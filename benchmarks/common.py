@@ -16,9 +16,9 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_compress.data import get_datamodule
-from lightning_compress.measure import ort_accuracy, ort_latency_ms
-from lightning_compress.module import ClassificationModule
+from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms
+from lightning_compress.vision.data import get_datamodule
+from lightning_compress.vision.module import ClassificationModule
 
 RESULTS = Path(__file__).parent / "results"
 LAST_EPOCH_TIMES: list[float] = []

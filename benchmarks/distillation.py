@@ -24,7 +24,7 @@ from typing import Any
 from common import RESULTS, fit, markdown, mean_spread, new_module, save
 
 from lightning_compress import KnowledgeDistillation
-from lightning_compress.measure import count_parameters
+from lightning_compress.deploy.measure import count_parameters
 
 ARMS = ("alone", "response KD", "response + feature KD")
 

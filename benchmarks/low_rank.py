@@ -23,9 +23,9 @@ from typing import Any
 from common import RESULTS, fit, markdown, new_module, ort_figures, save
 
 from lightning_compress import LowRankFactorization, export_onnx, get_datamodule
-from lightning_compress.low_rank import plan
-from lightning_compress.measure import count_macs, count_parameters
-from lightning_compress.surgery import swap_modules
+from lightning_compress.core.low_rank import plan
+from lightning_compress.core.surgery import swap_modules
+from lightning_compress.deploy.measure import count_macs, count_parameters
 
 KEEP = ["model.classifier.3"]  # the last layer's outputs are the classes
 

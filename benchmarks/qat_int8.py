@@ -32,8 +32,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lightning_compress import ClassificationModule, QuantizationAwareTraining, export_onnx, get_datamodule
-from lightning_compress import quantization as q
-from lightning_compress.dataflow import find_bn_pairs
+from lightning_compress.core import quantization as q
+from lightning_compress.core.graph import find_bn_pairs
 
 
 def train(module: pl.LightningModule, epochs: int, seed: int, callbacks: list[pl.Callback]) -> float:

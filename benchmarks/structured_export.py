@@ -31,9 +31,10 @@ from common import RESULTS, fit, markdown, new_module, ort_figures, save
 from torch import nn
 
 from lightning_compress import CompressionExport, MagnitudePruning, build_model, export_onnx, get_datamodule
-from lightning_compress import pruning as P
-from lightning_compress.measure import count_parameters, ort_latency_ms
-from lightning_compress.structured import coupled_layers, remove_zero_channels
+from lightning_compress.core import pruning as P
+from lightning_compress.core.graph import coupled_layers
+from lightning_compress.deploy.measure import count_parameters, ort_latency_ms
+from lightning_compress.deploy.shrink import remove_zero_channels
 
 
 def tp_one_shot(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:

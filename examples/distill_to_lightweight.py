@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from lightning_compress import ClassificationModule, KnowledgeDistillation, get_datamodule
-from lightning_compress.measure import count_parameters
+from lightning_compress.deploy.measure import count_parameters
 
 
 def train(

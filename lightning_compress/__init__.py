@@ -1,4 +1,11 @@
-"""lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``."""
+"""lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``.
+
+The public API, by layer (``ARCHITECTURE.md`` in the repository says how they fit together):
+``app`` (command line, recipe runs, sweeps, demo) > ``config`` (recipes) > ``callbacks`` (one thin
+Lightning callback per technique) > ``deploy`` (ONNX export, physical channel removal, measurement,
+report, ``restore``) > ``core`` (the plain-torch techniques), beside ``vision`` (data, models,
+``ClassificationModule``) and ``integrations`` (W&B extras); ``errors`` at the bottom.
+"""
 
 from lightning_compress.callbacks import (
     CompressionExport,
@@ -7,21 +14,21 @@ from lightning_compress.callbacks import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from lightning_compress.data import (
+from lightning_compress.config import Recipe, load_recipe
+from lightning_compress.core.pruning import fold_masks, prune
+from lightning_compress.deploy.measure import summarize
+from lightning_compress.deploy.onnx import export_onnx
+from lightning_compress.deploy.restore import restore
+from lightning_compress.errors import CompressionConfigError, ExportVerificationError, TrainingDivergedError
+from lightning_compress.vision.data import (
     DigitsDataModule,
     ImageFolderDataModule,
     MNIST5kDataModule,
     TorchvisionDataModule,
     get_datamodule,
 )
-from lightning_compress.errors import CompressionConfigError, TrainingDivergedError
-from lightning_compress.export import export_onnx
-from lightning_compress.measure import summarize
-from lightning_compress.models import build_model
-from lightning_compress.module import ClassificationModule
-from lightning_compress.pruning import fold_masks, prune
-from lightning_compress.recipe import Recipe, load_recipe
-from lightning_compress.restore import restore
+from lightning_compress.vision.models import build_model
+from lightning_compress.vision.module import ClassificationModule
 
 __version__ = "0.1.0"
 
@@ -30,6 +37,7 @@ __all__ = [
     "CompressionConfigError",
     "CompressionExport",
     "DigitsDataModule",
+    "ExportVerificationError",
     "ImageFolderDataModule",
     "KnowledgeDistillation",
     "LowRankFactorization",

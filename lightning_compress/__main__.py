@@ -2,6 +2,6 @@
 
 import sys
 
-from lightning_compress.cli import main
+from lightning_compress.app.cli import main
 
 sys.exit(main())

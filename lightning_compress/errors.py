@@ -1,5 +1,6 @@
-"""The project's errors: bad input (:class:`CompressionConfigError`, with its message template) and a
-diverged run (:class:`TrainingDivergedError`)."""
+"""Every error type of the project: bad input (:class:`CompressionConfigError`, with its message
+template), a diverged run (:class:`TrainingDivergedError`) and an export that does not reproduce its
+model (:class:`ExportVerificationError`). Imports nothing of the package: every layer may import it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class CompressionConfigError(ValueError):
 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite: the run stopped and nothing was exported."""
+
+
+class ExportVerificationError(RuntimeError):
+    """An exported file does not reproduce the PyTorch model within tolerance: nothing was written."""
 
 
 def config_error(name: str, allowed: str, got: Any, hint: str | None = None) -> CompressionConfigError:

@@ -23,7 +23,7 @@ from lightning_compress import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from lightning_compress.quantization import observer_ranges, quantized_layers
+from lightning_compress.core.quantization import observer_ranges, quantized_layers
 from tests.helpers import TinyModule, loaders
 
 

@@ -14,7 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress.data import EpochSeededSampler
+from lightning_compress.core.graph import find_bn_pairs
+from lightning_compress.core.quantization import QuantConfig, attach, enable, link_batchnorms
+from lightning_compress.vision.data import EpochSeededSampler
 
 
 class TinyNet(nn.Module):
@@ -189,3 +191,16 @@ def write_pngs(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class:
         for i in range(per_class):
             pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+def quantised(bn: bool = False, config: QuantConfig | None = None, batches: int = 3) -> tuple[TinyNet, torch.Tensor]:
+    """A TinyNet with QAT attached (BatchNorms folded), enabled and observed on a few batches."""
+    torch.manual_seed(0)
+    net, x = TinyNet(bn=bn), torch.randn(16, 1, 8, 8)
+    layers = attach(net, config or QuantConfig())
+    link_batchnorms(net, find_bn_pairs(net, layers, x[:2]))
+    enable(net)
+    net.train()
+    for _ in range(batches):
+        net(x)
+    return net, x

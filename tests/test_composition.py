@@ -25,8 +25,8 @@ from lightning_compress import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from lightning_compress.low_rank import LowRank
-from lightning_compress.quantization import observer_ranges
+from lightning_compress.core.low_rank import LowRank
+from lightning_compress.core.quantization import observer_ranges
 from tests.helpers import TinyModule, TinyNet, fit, synthetic, trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,11 @@
-"""Thin Lightning callbacks, one per technique, built on the functional cores."""
+"""Thin Lightning callbacks, one per technique, built on the functional cores: ``base`` (the shared
+:class:`~lightning_compress.callbacks.base.CompressionCallback`, ``find_callback``, strategy checks),
+``replace`` (module replacement mid-fit), ``step_patch`` (the ``training_step`` wrapper), and
+``pruning``, ``quantization``, ``distillation``, ``low_rank``, ``export``.
+
+May import: ``lightning_compress.errors``, ``core``, ``deploy``, ``vision``, ``integrations`` and
+``callbacks`` itself (plus Lightning); never ``config`` or ``app``.
+"""
 
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.export import CompressionExport

@@ -1,14 +1,15 @@
 """``KnowledgeDistillation``: a frozen teacher teaches the student inside an ordinary ``lightning.Trainer``.
 
-The callback only decides *where* the losses meet; they come from :mod:`lightning_compress.distillation`.
-The user's ``training_step`` stays as written: for the length of a fit the callback wraps it on
-the instance, watches the module's output with a forward hook, runs the teacher on the same batch
-and returns ``(1 - alpha) * task + alpha * KD (+ feature_weight * feature loss)`` in its place.
+The callback only decides *where* the losses meet; they come from
+:mod:`lightning_compress.core.distillation`. The user's ``training_step`` stays as written: for the
+length of a fit the callback wraps it on the instance
+(:class:`~lightning_compress.callbacks.step_patch.TrainingStepPatch`), watches the module's output
+with a forward hook, runs the teacher on the same batch and returns
+``(1 - alpha) * task + alpha * KD (+ feature_weight * feature loss)`` in its place.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,12 +22,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress import distillation as core
-from lightning_compress.callbacks.common import CompressionCallback, batch_input, distributed, is_number
+from lightning_compress.callbacks.base import (
+    CompressionCallback,
+    batch_input,
+    check_strategy,
+    distributed,
+    find_callbacks,
+    is_number,
+)
+from lightning_compress.callbacks.step_patch import TrainingStepPatch
+from lightning_compress.core import distillation as core
+from lightning_compress.core.surgery import add_param_group, drop_patch
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
-from lightning_compress.surgery import add_param_group, check_strategy
-
-_WRAPPED = "_lightning_compress_kd_original"  # marks a training_step wrapped by this callback
 
 
 class KnowledgeDistillation(CompressionCallback):
@@ -92,6 +99,8 @@ class KnowledgeDistillation(CompressionCallback):
         Trainer(max_epochs=10, callbacks=[kd]).fit(ClassificationModule("cnn_tiny"), datamodule)
     """
 
+    kind = "distillation"
+
     def __init__(
         self,
         teacher: nn.Module | str | os.PathLike[str],
@@ -149,6 +158,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._student_layers: dict[str, nn.Module] = {}
         self._teacher_layers: dict[str, nn.Module] = {}
         self._output: nn.Module | None = None
+        self._patch = TrainingStepPatch(self._training_step)
 
     @property
     @override
@@ -159,10 +169,11 @@ class KnowledgeDistillation(CompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, type(self).__name__)
-        _unwrap(pl_module)  # an interrupted fit may have left a wrapper behind
+        self._patch.exit(pl_module)
+        drop_patch(pl_module, "training_step")  # an interrupted fit may have left a wrapper behind
         if stage != "fit":
             return
-        if sum(isinstance(c, KnowledgeDistillation) for c in trainer.callbacks) > 1:  # type: ignore[attr-defined]
+        if len(find_callbacks(trainer, KnowledgeDistillation)) > 1:
             raise CompressionConfigError(
                 "only one KnowledgeDistillation callback can train a module. HINT: for several teachers, pass one "
                 "nn.Module that runs them all and returns their averaged logits"
@@ -171,7 +182,7 @@ class KnowledgeDistillation(CompressionCallback):
             raise CompressionConfigError(
                 f"KnowledgeDistillation needs automatic optimization, but {type(pl_module).__name__} sets "
                 "`automatic_optimization = False`: its training_step steps the optimizer itself, so the callback "
-                "cannot add the KD loss. HINT: call lightning_compress.distillation.response_kd_loss in your step"
+                "cannot add the KD loss. HINT: call lightning_compress.core.distillation.response_kd_loss in your step"
             )
         student_params = {id(p) for p in pl_module.parameters()}
         if any(id(p) in student_params for p in self.teacher.parameters()):
@@ -183,10 +194,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._teacher_layers = {n: core.resolve_module(self.teacher, t, "teacher") for n, t in self.features.items()}
         self.adapters, self._shapes = {}, {}  # a resumed run rebuilds them in load_state_dict, next
         self._optimizer, self._schedulers = None, []
-        original = pl_module.training_step
-        step = functools.partial(self._training_step, pl_module, original)
-        setattr(pl_module, _WRAPPED, original)
-        pl_module.training_step = functools.update_wrapper(step, original)  # type: ignore[method-assign]
+        self._patch.enter(pl_module)  # until teardown or an exception
 
     def _find_layers(self, pl_module: pl.LightningModule) -> None:
         self._student_layers = {name: core.resolve_module(pl_module, name, "student") for name in self.features}
@@ -194,10 +202,11 @@ class KnowledgeDistillation(CompressionCallback):
         if self.logits_module is not None:
             self._output = core.resolve_module(pl_module, self.logits_module, "student")
 
+    @override
     def on_modules_replaced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
     ) -> None:
-        """:mod:`lightning_compress.surgery` changed the student: find the named layers again (adapters stay)."""
+        """Modules of the student were replaced: find the named layers again (adapters stay)."""
         self._find_layers(pl_module)
 
     @override
@@ -309,17 +318,18 @@ class KnowledgeDistillation(CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        _unwrap(pl_module)
+        self._patch.exit(pl_module)
         self._optimizer, self._schedulers = None, []
         self._student_layers, self._output = {}, None  # no reference to the model outlives the fit
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        _unwrap(pl_module)
+        self._patch.exit(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
+            "kind": self.kind,
             "temperature": self.temperature,
             "alpha": self.alpha,
             "adapters": {
@@ -341,13 +351,6 @@ class KnowledgeDistillation(CompressionCallback):
             self.adapters[name], self._shapes[name] = adapter, shapes
         if "teacher" in state_dict:
             self.teacher.load_state_dict(state_dict["teacher"])
-
-
-def _unwrap(pl_module: pl.LightningModule) -> None:
-    """Give the module its own ``training_step`` back."""
-    if _WRAPPED in pl_module.__dict__:
-        del pl_module.__dict__[_WRAPPED]
-        pl_module.__dict__.pop("training_step", None)
 
 
 def load_teacher(path: str | os.PathLike[str], teacher_class: type[nn.Module] | None = None) -> nn.Module:
@@ -379,7 +382,7 @@ def load_teacher(path: str | os.PathLike[str], teacher_class: type[nn.Module] | 
             state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
             model.load_state_dict(state)
             return model
-        from lightning_compress.module import ClassificationModule
+        from lightning_compress.vision.module import ClassificationModule
 
         hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         if not isinstance(hparams.get("model"), str):
@@ -387,7 +390,7 @@ def load_teacher(path: str | os.PathLike[str], teacher_class: type[nn.Module] | 
                 f"the teacher checkpoint {str(path)!r} was not written by lightning_compress's ClassificationModule "
                 "with a named model. HINT: pass `teacher_class` (your LightningModule or nn.Module class)"
             )
-        from lightning_compress.restore import restore  # a compressed teacher is rebuilt as trained
+        from lightning_compress.deploy.restore import restore  # a compressed teacher is rebuilt as trained
 
         return restore(ClassificationModule(**hparams), checkpoint)
     except CompressionConfigError:

@@ -1,7 +1,7 @@
 """``CompressionExport``: at the end of ``fit``, deployable files, verified, and a report of what was bought.
 
 The callback only decides *when* (the end of fit, rank zero) and finds the data; the files,
-checks and report come from :func:`lightning_compress.bundle.write_bundle`.
+checks and report come from :func:`lightning_compress.deploy.bundle.write_bundle`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress import report as rep
-from lightning_compress.bundle import FORMATS, write_bundle
-from lightning_compress.callbacks.common import CompressionCallback
+from lightning_compress.callbacks.base import CompressionCallback, check_strategy, find_callback
+from lightning_compress.callbacks.quantization import QuantizationAwareTraining
+from lightning_compress.core.quantization import quantized_layers
+from lightning_compress.deploy import report as rep
+from lightning_compress.deploy.bundle import FORMATS, write_bundle
+from lightning_compress.deploy.onnx import float_copy
 from lightning_compress.errors import CompressionConfigError, config_error
-from lightning_compress.export import float_copy
-from lightning_compress.quantization import quantized_layers
-from lightning_compress.surgery import check_strategy
 
 LABEL_KEYS = ("target", "label", "labels", "y")  # where a dict batch keeps its labels
 
@@ -38,8 +38,8 @@ class CompressionExport(CompressionCallback):
     batch and compared with the PyTorch model (fp32: tight tolerance; int8: against the fake-quant
     model, within 2·√(quantised layers) output quantisation steps and top-1 agreement ≥ 0.9: the
     two round differently layer by layer) — a failed check raises
-    :class:`~lightning_compress.report.ExportVerificationError` and nothing is written. Then
-    ``report.json`` (keys documented in :mod:`lightning_compress.report`), ``report.md`` and PNG
+    :class:`~lightning_compress.errors.ExportVerificationError` and nothing is written. Then
+    ``report.json`` (keys documented in :mod:`lightning_compress.deploy.report`), ``report.md`` and PNG
     plots compare the model as fit started with the exported one: params, non-zeros, MACs, bytes
     (raw and compressed), ONNX bytes, ORT accuracy on the validation data and ORT latency.
     Everything is written into a temporary folder inside ``dirpath`` and moved under its final
@@ -100,11 +100,7 @@ class CompressionExport(CompressionCallback):
         check_strategy(trainer, type(self).__name__)
         if stage != "fit":
             return
-        from lightning_compress.callbacks.quantization import QuantizationAwareTraining
-
-        qat = any(isinstance(c, QuantizationAwareTraining) for c in trainer.callbacks) or bool(  # type: ignore[attr-defined]
-            quantized_layers(pl_module)
-        )
+        qat = find_callback(trainer, QuantizationAwareTraining) is not None or bool(quantized_layers(pl_module))
         self._formats = list(self.formats or (FORMATS if qat else ("onnx", "checkpoint")))
         if "onnx_int8" in self._formats and not qat:
             raise CompressionConfigError(
@@ -132,16 +128,13 @@ class CompressionExport(CompressionCallback):
             return
         val = self._val_batches(trainer)
         example = self._example(pl_module, val)
-        was_training = pl_module.training
-        pl_module.eval()
+        checkpoint = _plain_checkpoint(trainer, pl_module)
         try:
-            checkpoint = _plain_checkpoint(trainer, pl_module)
             report = write_bundle(
                 pl_module, self._before, self.dirpath, example, val, self._formats, checkpoint,
                 verify=self.verify, physical=self.physical, plots=self.plots,
             )  # fmt: skip
         finally:
-            pl_module.train(was_training)
             self._before = None
         self.report = report
         self._log(trainer, report)
@@ -185,7 +178,7 @@ class CompressionExport(CompressionCallback):
         for logger in trainer.loggers:
             logger.log_metrics(figures, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger":
-                from lightning_compress.wandb_extras import log_export
+                from lightning_compress.integrations.wandb import log_export
 
                 log_export(logger, report, self.dirpath)
 

@@ -1,7 +1,8 @@
 """``LowRankFactorization``: replace layers with factorised ones at the start of epoch N, mid-fit.
 
-The callback only decides *when*; the factorisations come from :mod:`lightning_compress.low_rank`
-and the swap (optimizers, schedulers, DDP, other callbacks) from :mod:`lightning_compress.surgery`.
+The callback only decides *when*; the factorisations come from :mod:`lightning_compress.core.low_rank`
+and the swap (optimizers, schedulers, DDP, other callbacks) from
+:func:`lightning_compress.callbacks.replace.replace_modules`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_compress import low_rank as core
-from lightning_compress.callbacks.common import CompressionCallback, check_names
+from lightning_compress.callbacks.base import CompressionCallback, check_names, check_strategy
+from lightning_compress.callbacks.replace import notify, replace_modules
+from lightning_compress.core import low_rank as core
+from lightning_compress.core.layers import select_layers
 from lightning_compress.errors import CompressionConfigError, config_error
-from lightning_compress.pruning import select_layers
-from lightning_compress.surgery import check_strategy, notify, replace_modules
 
 DEFAULT_RATIO = 0.5
 
@@ -33,7 +34,7 @@ class LowRankFactorization(CompressionCallback):
     comes from one rule: a fixed ``rank``, a parameter ``ratio`` per layer (default 0.5), or the
     singular-value ``energy`` to keep. A layer whose factorisation would not save parameters, a
     grouped/depthwise conv, or (with a fixed rank) a layer smaller than the rank is left alone,
-    and the reason is logged. The swap goes through :func:`lightning_compress.surgery.replace_modules`:
+    and the reason is logged. The swap goes through :func:`~lightning_compress.callbacks.replace.replace_modules`:
     optimizers keep the state of every untouched parameter, LR schedulers keep their place, DDP is
     re-wrapped, pruning masks and QAT fake-quantise the new layers.
 
@@ -59,6 +60,8 @@ class LowRankFactorization(CompressionCallback):
 
         Trainer(max_epochs=10, callbacks=[LowRankFactorization(epoch=3, ratio=0.5, exclude=["classifier.3"])])
     """
+
+    kind = "low_rank"
 
     def __init__(
         self,
@@ -176,7 +179,7 @@ class LowRankFactorization(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "factorized": self.factorized}
+        return {"kind": self.kind, "epoch": self.epoch, "factorized": self.factorized}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

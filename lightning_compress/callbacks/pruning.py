@@ -1,6 +1,6 @@
 """``MagnitudePruning``: gradual magnitude pruning inside an ordinary ``lightning.Trainer``.
 
-The callback only decides *when* to prune; the masks come from :mod:`lightning_compress.pruning`.
+The callback only decides *when* to prune; the masks come from :mod:`lightning_compress.core.pruning`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_compress import pruning as core
-from lightning_compress.callbacks.common import (
+from lightning_compress.callbacks.base import (
     CompressionCallback,
     batch_input,
     check_epoch,
     check_names,
+    check_strategy,
     distributed,
     is_number,
 )
-from lightning_compress.dataflow import find_bn_pairs
+from lightning_compress.core import pruning as core
+from lightning_compress.core.graph import coupled_layers, find_bn_pairs
+from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.core.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
-from lightning_compress.schedules import SCHEDULES, SparsitySchedule
-from lightning_compress.structured import coupled_layers
-from lightning_compress.surgery import check_strategy
 
 DEFAULT_SPARSITY = 0.9
 UPDATES_PER_RAMP = 16  # default: about 16 mask updates over the ramp ...
@@ -80,6 +80,8 @@ class MagnitudePruning(CompressionCallback):
         trainer = Trainer(max_epochs=10, callbacks=[MagnitudePruning(final_sparsity=0.9, end_epoch=6)])
         trainer.fit(model, datamodule)
     """
+
+    kind = "pruning"
 
     def __init__(
         self,
@@ -183,10 +185,11 @@ class MagnitudePruning(CompressionCallback):
         core.attach_masks(self._modules, with_bias=self.pattern.kind == "channel")
         core.attach_masks(self._bns, with_bias=True)  # a pruned channel's BatchNorm outputs 0, not beta
 
+    @override
     def on_modules_replaced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
     ) -> None:
-        """:mod:`lightning_compress.surgery` changed the model: select again (``include``/``exclude``
+        """Modules were replaced mid-fit: select again (``include``/``exclude``
         decide whether the new layers are pruned), give new layers masks and, once pruning has
         started, prune them at once to the current target (one global threshold over all layers)."""
         before = set(map(id, self._modules.values()))
@@ -201,7 +204,7 @@ class MagnitudePruning(CompressionCallback):
             self.update_masks(self.current_target)
 
     def _select(self, pl_module: nn.Module) -> dict[str, nn.Module]:
-        modules = core.select_layers(pl_module, self.include, self.exclude)
+        modules = select_layers(pl_module, self.include, self.exclude)
         if self.pattern.kind == "channel" and self.include is None and modules:
             modules.pop(next(reversed(modules)))  # the classifier's outputs are the classes
         if self.pattern.kind == "n:m":
@@ -217,7 +220,7 @@ class MagnitudePruning(CompressionCallback):
             raise CompressionConfigError(
                 f"MagnitudePruning selected no layer of {type(pl_module).__name__} to prune with pattern "
                 f"'{self.pattern}' (include={self.include}, exclude={self.exclude}). HINT: prunable layers "
-                f"are {[n for n, _ in core.select_layers(pl_module).items()][:12]}"
+                f"are {[n for n, _ in select_layers(pl_module).items()][:12]}"
             )
         return modules
 
@@ -276,7 +279,7 @@ class MagnitudePruning(CompressionCallback):
 
     def update_masks(self, target: float) -> None:
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
-        weights = {name: core.weight_of(m) for name, m in self._modules.items()}
+        weights = {name: weight_of(m) for name, m in self._modules.items()}
         masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings)
         if distributed():
             masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
@@ -326,7 +329,7 @@ class MagnitudePruning(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_update_step": self.last_update_step, "current_target": self.current_target}
+        return {"kind": self.kind, "last_update_step": self.last_update_step, "current_target": self.current_target}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """``QuantizationAwareTraining``: fake-quant training inside an ordinary ``lightning.Trainer``.
 
-The callback only decides *when*; the fake quantisation comes from :mod:`lightning_compress.quantization`
+The callback only decides *when*; the fake quantisation comes from :mod:`lightning_compress.core.quantization`
 and the int8 file from :func:`lightning_compress.export_onnx`.
 """
 
@@ -14,16 +14,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress import quantization as core
-from lightning_compress.callbacks.common import (
+from lightning_compress.callbacks.base import (
     CompressionCallback,
     batch_input,
     check_epoch,
     check_names,
+    check_strategy,
 )
-from lightning_compress.dataflow import find_bn_pairs, share_ranges
+from lightning_compress.core import quantization as core
+from lightning_compress.core.graph import find_bn_pairs
+from lightning_compress.deploy.restore import QUANTIZATION_KIND
 from lightning_compress.errors import config_error
-from lightning_compress.surgery import check_strategy
 
 
 class QuantizationAwareTraining(CompressionCallback):
@@ -59,6 +60,8 @@ class QuantizationAwareTraining(CompressionCallback):
         Trainer(max_epochs=10, callbacks=[MagnitudePruning(0.8, end_epoch=5), qat]).fit(model, data)
         export_onnx(model, example, "model.int8.onnx", int8=True)
     """
+
+    kind = QUANTIZATION_KIND
 
     def __init__(
         self,
@@ -112,10 +115,11 @@ class QuantizationAwareTraining(CompressionCallback):
         self._linked = False
         self._folded_bns = []
 
+    @override
     def on_modules_replaced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
     ) -> None:
-        """:mod:`lightning_compress.surgery` changed the model: fake-quantise the new layers (in the
+        """Modules were replaced mid-fit: fake-quantise the new layers (in the
         run's current phase) and find BatchNorm pairs and shared ranges again on the next batch."""
         core.attach(pl_module, self.config, self.include, self.exclude)
         core.enable(pl_module, self._now["enabled"])
@@ -132,7 +136,7 @@ class QuantizationAwareTraining(CompressionCallback):
             self.bn_pairs = find_bn_pairs(pl_module, layers, example)
             core.link_batchnorms(pl_module, self.bn_pairs)
         self._folded_bns = core.folded_batchnorms(pl_module)
-        shared = share_ranges(pl_module, example)
+        shared = core.share_ranges(pl_module, example)
         rank_zero_info(
             f"QuantizationAwareTraining: {len(layers)} layers, {len(self._folded_bns)} BatchNorms folded, "
             f"{len(shared)} output ranges shared with the next layer's input"
@@ -199,7 +203,12 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "start_epoch": self.start_epoch, "bn_pairs": dict(self.bn_pairs)}
+        return {
+            "kind": self.kind,
+            "config": self.config.to_dict(),
+            "start_epoch": self.start_epoch,
+            "bn_pairs": dict(self.bn_pairs),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

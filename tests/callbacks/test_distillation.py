@@ -17,9 +17,10 @@ from lightning_compress import (
     QuantizationAwareTraining,
     export_onnx,
 )
-from lightning_compress.distillation import response_kd_loss
-from lightning_compress.pruning import select_layers, sparsity
-from lightning_compress.quantization import quantized_layers
+from lightning_compress.core.distillation import response_kd_loss
+from lightning_compress.core.layers import select_layers
+from lightning_compress.core.pruning import sparsity
+from lightning_compress.core.quantization import quantized_layers
 from tests.helpers import TinyModule, TinyNet, fit, loaders, logged_metrics, synthetic, weights
 
 

@@ -2,18 +2,21 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_compress import (
     CompressionConfigError,
     CompressionExport,
+    KnowledgeDistillation,
     MagnitudePruning,
     QuantizationAwareTraining,
-    bundle,
     restore,
 )
-from lightning_compress.measure import ort_session
-from lightning_compress.report import REPORT_VERSION, ExportVerificationError
+from lightning_compress.deploy import bundle
+from lightning_compress.deploy.measure import ort_session
+from lightning_compress.deploy.report import REPORT_VERSION
+from lightning_compress.errors import ExportVerificationError
 from tests.helpers import TinyModule, fit, logged_metrics, synthetic
 
 
@@ -126,3 +129,60 @@ def test_wandb_gets_the_figures_the_artifact_and_the_table(tmp_path, monkeypatch
 def test_ddp_exports_on_rank_zero_only(ddp_run):
     rank0, rank1 = ddp_run  # pruning + QAT + KD + low-rank + export, 2 processes
     assert rank0["exported"] == ["checkpoint", "onnx", "onnx_int8"] and rank1["exported"] == []
+
+
+class FunctionalActivation(TinyModule):
+    """A user module that keeps a plain function on its instance: ``self.act = F.relu``."""
+
+    def __init__(self) -> None:
+        super().__init__(bn=True)
+        self.act = F.relu
+
+    def forward(self, x, *, scale=1.0):
+        return self.act(self.net(x, scale=scale))
+
+
+def test_a_module_with_a_function_attribute_exports_with_distillation(tmp_path):
+    # Regression: the export's copy used to delete every callable instance attribute (to drop the
+    # distillation wrapper), so `self.act` was gone and the copy failed with AttributeError.
+    out = tmp_path / "exported"
+    teacher = TinyModule(bn=True)
+    callbacks = [
+        KnowledgeDistillation(teacher),
+        MagnitudePruning(0.5, pattern="channel", end_epoch=1),
+        QuantizationAwareTraining(start_epoch=1),
+        CompressionExport(out, plots=False),
+    ]
+    _, module = fit(callbacks, module=FunctionalActivation(), max_epochs=3)
+    report = json.loads((out / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values())
+    assert sorted(report["files"]) == ["checkpoint", "onnx", "onnx_int8"]
+    assert module.act is F.relu and "training_step" not in vars(module)
+
+
+def test_one_dependency_trace_and_one_copy_per_format_written(tmp_path, monkeypatch):
+    import copy as copy_module
+
+    from lightning_compress.core import graph, surgery
+    from lightning_compress.deploy import shrink
+
+    traces, copies = [], []
+    real_trace, real_deepcopy = graph.dependency_graph, copy_module.deepcopy
+    monkeypatch.setattr(shrink, "dependency_graph", lambda *a: traces.append(1) or real_trace(*a))
+
+    def counting(obj, *args, **kwargs):
+        if isinstance(obj, TinyModule):  # copies of the whole model (not of its tensors)
+            copies.append(type(obj).__name__)
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(surgery.copy, "deepcopy", counting)
+    monkeypatch.setattr(bundle.copy, "deepcopy", counting)
+    callbacks = [
+        MagnitudePruning(final_sparsity=0.5, pattern="channel", end_epoch=1),
+        QuantizationAwareTraining(start_epoch=1),
+        CompressionExport(tmp_path / "out", plots=False),
+    ]
+    fit(callbacks, module=TinyModule(bn=True), max_epochs=3)
+    assert len(traces) == 1
+    # the `before` copy at fit start, then the fp32 file's copy and the int8 file's copy
+    assert copies == ["TinyModule"] * 3

@@ -17,9 +17,9 @@ from lightning_compress import (
     export_onnx,
     restore,
 )
-from lightning_compress.low_rank import LowRank
-from lightning_compress.pruning import masked_modules
-from lightning_compress.quantization import quantized_layers
+from lightning_compress.core.low_rank import LowRank
+from lightning_compress.core.pruning import masked_modules
+from lightning_compress.core.quantization import quantized_layers
 from tests.helpers import TinyModule, fit, loaders, logged_metrics, synthetic, trainer
 
 ROOT = Path(__file__).resolve().parents[2]

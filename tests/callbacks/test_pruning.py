@@ -8,8 +8,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_compress import CompressionConfigError, MagnitudePruning
-from lightning_compress.pruning import masked_modules, select_layers, sparsity
-from lightning_compress.schedules import SparsitySchedule
+from lightning_compress.core.layers import select_layers
+from lightning_compress.core.pruning import masked_modules, sparsity
+from lightning_compress.core.schedules import SparsitySchedule
 from tests.helpers import TinyModule, TinyNet, fit, loaders, logged_metrics, trainer
 
 STEPS_PER_EPOCH = 8  # helpers.loaders(): 128 samples, batch 16
@@ -274,8 +275,8 @@ def test_figures_reach_wandb_offline(tmp_path, monkeypatch):
 
 
 def test_channel_pattern_masks_the_batchnorm_so_removal_is_exact():
-    from lightning_compress.export import float_copy
-    from lightning_compress.structured import max_abs_diff, remove_zero_channels
+    from lightning_compress.deploy.onnx import float_copy
+    from lightning_compress.deploy.shrink import max_abs_diff, remove_zero_channels
 
     pruning = MagnitudePruning(final_sparsity=0.5, pattern="channel", scope="layer", end_epoch=1)
     _, module = fit([pruning], module=TinyModule(bn=True), max_epochs=2)

@@ -5,8 +5,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_compress import CompressionConfigError, MagnitudePruning, QuantizationAwareTraining, export_onnx
-from lightning_compress import quantization as q
-from lightning_compress.pruning import select_layers, weight_of
+from lightning_compress.core import quantization as q
+from lightning_compress.core.layers import select_layers, weight_of
 from tests.helpers import TinyModule, fit, loaders, logged_metrics, trainer
 
 

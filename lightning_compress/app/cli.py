@@ -1,0 +1,101 @@
+"""The ``lightning-compress`` command: argument parsing and dispatch to :mod:`lightning_compress.app.run`.
+
+Exit codes: 0 ok, 2 bad input, 1 a run that diverged or whose export failed verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning_compress.errors import CompressionConfigError, ExportVerificationError, TrainingDivergedError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightning-compress", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="train a CNN dense, with 90%% GMP and with GMP + QAT int8 on embedded data; print the table"
+    )
+    demo.add_argument("--model", default="cnn_small", help="a registered model name (default: cnn_small)")
+    demo.add_argument("--data", default="mnist5k", help="digits or mnist5k (default: mnist5k)")
+    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--sparsity", type=float, default=0.9)
+    demo.add_argument("--seed", type=int, default=0)
+    pipeline = commands.add_parser(
+        "pipeline", help="the main job: dense teacher, then low-rank + GMP + QAT + KD student, export; print the table"
+    )
+    pipeline.add_argument("--data", default="mnist5k", help="digits or mnist5k (default: mnist5k)")
+    pipeline.add_argument("--teacher-epochs", type=int, default=6)
+    pipeline.add_argument("--epochs", type=int, default=8)
+    pipeline.add_argument("--seed", type=int, default=0)
+    pipeline.add_argument("--out", default=None, help="keep the exported files here (default: a temporary folder)")
+    for name, text in (("fit", "train with a recipe's compression callbacks"), ("validate", "check a recipe")):
+        command = commands.add_parser(name, help=f"{text}; override any key with --a.b.c=VALUE", allow_abbrev=False)
+        command.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+        command.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
+    sweep = commands.add_parser(
+        "sweep", help="run a W&B sweep file locally (grid or random); write a CSV and a Pareto plot"
+    )
+    sweep.add_argument("sweep", help="a sweep YAML file in W&B's format (see recipes/sweeps/)")
+    sweep.add_argument("--count", type=int, default=4, help="trials to run (default: 4)")
+    sweep.add_argument("--out", default="sweep", help="output folder for results.csv, pareto.png and the runs")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    export = commands.add_parser(
+        "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
+    )
+    export.add_argument("checkpoint", help="a checkpoint of lightning_compress's ClassificationModule")
+    export.add_argument("--out", default="compressed", help="output folder (default: compressed)")
+    export.add_argument("--data", default="mnist5k", help="validation data for the checks and accuracy")
+    export.add_argument("--formats", nargs="+", default=None, help="onnx, onnx_int8, checkpoint (default: all it can)")
+    export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks")
+    export.add_argument("--no-physical", action="store_true", help="keep zero channels (no physical removal)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.command not in ("fit", "validate"):
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command in ("fit", "validate"):
+            from lightning_compress.app.run import fit_recipe
+
+            return fit_recipe(args.recipe, extra, args.print_config, train=args.command == "fit")
+        if args.command == "sweep":
+            from lightning_compress.app.sweep import run_sweep
+
+            rows = run_sweep(args.sweep, args.count, args.out, args.seed)
+            print(f"{len(rows)} trials; results.csv and pareto.png in {args.out}")
+            for row in rows:
+                print(row)
+        if args.command == "pipeline":
+            from lightning_compress.app.demo import run_pipeline
+
+            run_pipeline(args.data, args.teacher_epochs, args.epochs, args.seed, args.out)
+        if args.command == "demo":
+            from lightning_compress.app.demo import run_demo
+
+            run_demo(args.model, args.data, args.epochs, args.sparsity, args.seed)
+        elif args.command == "export":
+            from lightning_compress.app.run import export_checkpoint
+
+            export_checkpoint(
+                args.checkpoint, args.out, args.data, args.formats, not args.no_verify, not args.no_physical
+            )
+    except CompressionConfigError as err:
+        print(f"lightning-compress: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as err:
+        print(f"lightning-compress: error: {err}", file=sys.stderr)
+        return 1
+    except ExportVerificationError as err:  # the run worked, its export did not reproduce it: nothing written
+        print(f"lightning-compress: export failed verification, nothing written: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

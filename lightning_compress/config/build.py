@@ -1,0 +1,133 @@
+"""Building the objects a validated recipe names: callbacks, model, data module, loggers, the Trainer.
+
+:class:`Recipe` is plain data (the resolved YAML); its methods build the objects. A constructor's
+own refusal (a ``TypeError`` / ``ValueError`` of a model, a data module or Lightning) becomes a
+:class:`~lightning_compress.errors.CompressionConfigError` naming the section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_compress.config.schema import COMPRESSION, callback_factories, import_class
+from lightning_compress.errors import CompressionConfigError
+
+
+@dataclass
+class Recipe:
+    """A validated recipe (plain data: ``config`` is the resolved YAML, overrides applied)."""
+
+    config: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    def callbacks(self) -> list[Any]:
+        """The compression callbacks, in the order of the composition contract."""
+        factories = callback_factories()
+        sections = self.config.get("compression") or {}
+        return [factories[name](**sections[name]) for name in COMPRESSION if name in sections]
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``lightning.Trainer`` (without callbacks and logger)."""
+        return dict(self.config.get("trainer") or {})
+
+    def loggers(self, run_name: str | None = None) -> list[Any]:
+        """``logger: {wandb: {...}, csv: {...}}`` as Lightning loggers; a W&B run records the recipe as its config.
+
+        ``run_name`` names the W&B run and the CSV folder (a sweep's trials).
+        """
+        section = self.config.get("logger") or {}
+        loggers: list[Any] = []
+        if "csv" in section:
+            from lightning.pytorch.loggers import CSVLogger
+
+            csv_options = {"save_dir": "lightning_logs", **(section["csv"] or {})}
+            if run_name:
+                csv_options["name"] = run_name
+            loggers.append(CSVLogger(**csv_options))
+        if "wandb" in section:
+            from lightning.pytorch.loggers import WandbLogger
+
+            options: dict[str, Any] = dict(section["wandb"] or {})
+            if options.pop("mode", None) == "offline":
+                options["offline"] = True
+            if run_name:
+                options["name"] = run_name
+            logger = WandbLogger(**options)
+            logger.experiment.config.update(self.config, allow_val_change=True)
+            loggers.append(logger)
+        return loggers
+
+    def model(self) -> Any:
+        """The LightningModule: a built-in ``ClassificationModule`` or the recipe's ``class_path``.
+
+        Raises:
+            CompressionConfigError: a value the module's constructor refuses (with the section named).
+        """
+        return _built("model", self._model)
+
+    def _model(self) -> Any:
+        section = dict(self.config.get("model") or {})
+        checkpoint = section.pop("checkpoint", None)
+        if "class_path" in section:
+            module = import_class(section["class_path"], "model.class_path", "LightningModule")(
+                **section.get("init_args", {})
+            )
+        else:
+            from lightning_compress.vision.module import ClassificationModule
+
+            data = self.datamodule()
+            section.setdefault("num_classes", data.num_classes)
+            section.setdefault("in_channels", data.in_channels)
+            module = ClassificationModule(**section)
+        if checkpoint is not None:  # fine-tuning: start from trained (possibly compressed) weights
+            from lightning_compress.deploy.restore import restore
+
+            restore(module, checkpoint)
+        return module
+
+    def datamodule(self) -> Any:
+        """The LightningDataModule: a built-in name or the recipe's ``class_path``.
+
+        Raises:
+            CompressionConfigError: a value the data module's constructor refuses (with the section named).
+        """
+        return _built("data", self._datamodule)
+
+    def _datamodule(self) -> Any:
+        section = dict(self.config.get("data") or {})
+        if "class_path" in section:
+            return import_class(section["class_path"], "data.class_path", "LightningDataModule")(
+                **section.get("init_args", {})
+            )
+        from lightning_compress.vision.data import get_datamodule
+
+        name = section.pop("name", "mnist5k")
+        section.setdefault("seed", self.seed)
+        return get_datamodule(name, **section)
+
+
+def _built(section: str, build: Callable[[], Any]) -> Any:
+    """``build()``, with a constructor's own ``TypeError`` / ``ValueError`` as a :class:`CompressionConfigError`."""
+    try:
+        return build()
+    except CompressionConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. torchmetrics refusing num_classes=0, a user class's check
+        raise CompressionConfigError(f"{section}: {err}") from None
+
+
+def build_trainer(recipe: Recipe, callbacks: list[Any], loggers: list[Any]) -> Any:
+    """``lightning.Trainer`` from the recipe; Lightning's own refusals become a :class:`CompressionConfigError`."""
+    import lightning.pytorch as pl
+
+    try:
+        return pl.Trainer(callbacks=callbacks, logger=loggers or False, **recipe.trainer_kwargs())
+    except (ValueError, TypeError) as err:  # MisconfigurationException is a ValueError
+        raise CompressionConfigError(f"trainer: {err}") from None

@@ -1,0 +1,262 @@
+"""One analysis of a model's dataflow, built on a real batch, cached and shared by every technique.
+
+No Lightning, and no tracing of the model's code for the walk: one eval forward pass with module
+hooks records which module consumed which tensor (by identity and in-place version), which works
+for Sequential, ResNet-style and functional-style models alike. From it, :class:`ModelGraph` holds,
+by module name (no tensors are kept):
+
+- ``bn_pairs``: which Conv/Linear output feeds a BatchNorm directly (pruning masks those
+  BatchNorms along with the channels, quantisation folds them);
+- ``reaches``: where a module's output goes when it passes only through ReLU / MaxPool / Flatten /
+  Identity / Dropout modules (quantisation then lets one range serve both ends);
+- :meth:`ModelGraph.couplings`: groups of layers whose output channels are one set (they feed the
+  same residual add), from Torch-Pruning's dependency graph, traced once on first use.
+
+:func:`analyze` caches the graph per model object and builds it again when the model's structure
+changes (module replacement through :mod:`lightning_compress.core.surgery` also calls
+:func:`invalidate`), so pruning, quantisation and the export share one walk and one trace.
+
+Example::
+
+    graph = analyze(model, batch[:2])
+    graph.bn_pairs        # {"features.0": "features.1", ...}
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_compress.core.layers import BN_TYPES, LAYER_TYPES, is_internal
+
+RANGE_PRESERVING_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)  # fmt: skip
+
+
+@dataclass
+class ModelGraph:
+    """What one forward pass revealed about a model, by module name.
+
+    Attributes:
+        signature: the structure the graph was built for (names and types of the model's modules).
+        bn_pairs: ``{layer: BatchNorm}`` for every Conv/Linear whose output a BatchNorm consumes unchanged.
+        reaches: ``{module: next module}``: the first module that is not range-preserving reached
+            from a module's output along a single path through range-preserving modules.
+    """
+
+    signature: tuple[tuple[str, str], ...]
+    bn_pairs: dict[str, str] = field(default_factory=dict)
+    reaches: dict[str, str] = field(default_factory=dict)
+    _couplings: list[list[str]] | None = None
+
+    def couplings(self, model: nn.Module, example: Any, layers: Mapping[str, nn.Module]) -> list[list[str]]:
+        """Groups of ``layers`` whose output channels are one set (Torch-Pruning's dependency graph).
+
+        Traced once per structure (the first call); a model Torch-Pruning cannot trace has no groups
+        (each layer is then pruned on its own).
+        """
+        if self._couplings is None:
+            self._couplings = _trace_couplings(model, example)
+        groups = [[n for n in group if n in layers] for group in self._couplings]
+        return [g for g in groups if len(g) > 1]
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, ModelGraph] = weakref.WeakKeyDictionary()
+
+
+def signature(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """The model's structure as the analysis sees it: every module's name and (unparametrized) type.
+
+    Fake quantisers and parametrization containers are left out, so attaching or enabling
+    quantisation does not change it; replacing a layer does.
+    """
+    return tuple(
+        (name, parametrize.type_before_parametrizations(module).__name__)
+        for name, module in model.named_modules()
+        if not is_internal(name, module)
+    )
+
+
+def analyze(model: nn.Module, example: Any) -> ModelGraph:
+    """The :class:`ModelGraph` of ``model``: cached, built with one eval forward of ``example`` when
+    missing or when the structure changed."""
+    current = signature(model)
+    graph = _CACHE.get(model)
+    if graph is None or graph.signature != current:
+        graph = _build(model, example, current)
+        _CACHE[model] = graph
+    return graph
+
+
+def invalidate(model: nn.Module) -> None:
+    """Forget the cached analysis of ``model`` (the next :func:`analyze` builds it again)."""
+    _CACHE.pop(model, None)
+
+
+def find_bn_pairs(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) -> dict[str, str]:
+    """``{layer name: BatchNorm name}`` for every one of ``layers`` whose output feeds a BatchNorm directly."""
+    return {name: bn for name, bn in analyze(model, example).bn_pairs.items() if name in layers}
+
+
+def coupled_layers(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) -> list[list[str]]:
+    """Groups of ``layers`` whose output channels are one set (see :meth:`ModelGraph.couplings`)."""
+    return analyze(model, example).couplings(model, example, layers)
+
+
+@dataclass
+class _Call:
+    """One module call seen by :func:`_module_calls`: what it consumed (and at which in-place version)."""
+
+    name: str
+    version: int
+    result: Tensor | None = None
+    result_version: int = 0
+
+
+def _module_calls(model: nn.Module, example: Any) -> tuple[dict[int, list[_Call]], dict[str, _Call], list[Any]]:
+    """One eval forward: the leaf-module calls consuming each tensor (by id), each module's last call,
+    and the tensors seen (kept alive by the caller so that their ids are not reused).
+
+    A Conv/Linear counts as a leaf consuming its input before any input quantiser; outputs are
+    taken after forward hooks (what the next module really receives). Tensor versions tell an
+    unseen in-place change (``out += identity``) from the tensor a module returned.
+    """
+    consumers: dict[int, list[_Call]] = {}
+    last: dict[str, _Call] = {}
+    keep: list[Any] = []
+    handles = []
+    for name, module in model.named_modules():
+        leaf = next(module.children(), None) is None or isinstance(module, LAYER_TYPES)
+        if not leaf or is_internal(name, module):
+            continue
+
+        def before(m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
+            x = args[0] if args else None
+            call = _Call(n, x._version if isinstance(x, Tensor) else -1)
+            if isinstance(x, Tensor):
+                consumers.setdefault(id(x), []).append(call)
+                keep.append(x)
+            last[n] = call
+
+        def after(m: nn.Module, args: tuple[Any, ...], out: Any, n: str = name) -> None:
+            if isinstance(out, Tensor):
+                last[n].result, last[n].result_version = out, out._version
+                keep.append(out)
+
+        handles.append(module.register_forward_pre_hook(before, prepend=True))
+        handles.append(module.register_forward_hook(after))
+    _run_eval(model, example, handles)
+    return consumers, last, keep
+
+
+def _run_eval(model: nn.Module, example: Any, handles: list[Any]) -> None:
+    was_training = model.training
+    args = example if isinstance(example, tuple) else (example,)
+    try:
+        model.eval()
+        # Lightning tests under inference mode; its tensors have no version counter: run normally.
+        with torch.inference_mode(False), torch.no_grad():
+            model(*(a.clone() if isinstance(a, Tensor) else a for a in args))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+def _build(model: nn.Module, example: Any, structure: tuple[tuple[str, str], ...]) -> ModelGraph:
+    consumers, last, _keep = _module_calls(model, example)
+    modules = dict(model.named_modules())
+    graph = ModelGraph(structure)
+    for name, produced in last.items():
+        if produced.result is None:
+            continue
+        if isinstance(modules[name], LAYER_TYPES):
+            for call in consumers.get(id(produced.result), []):
+                if call.version == produced.result_version and isinstance(modules[call.name], BN_TYPES):
+                    graph.bn_pairs[name] = call.name
+                    break
+        reached = _reach(produced, consumers, modules)
+        if reached is not None:
+            graph.reaches[name] = reached
+    return graph
+
+
+def _reach(produced: _Call, consumers: Mapping[int, list[_Call]], modules: Mapping[str, nn.Module]) -> str | None:
+    """The first module that is not range-preserving on the single path from ``produced``'s output."""
+    tensor, version = produced.result, produced.result_version
+    followed: set[int] = set()
+    while tensor is not None:
+        calls = [c for c in consumers.get(id(tensor), []) if c.version == version and id(c) not in followed]
+        in_place = [c for c in calls if c.result is tensor and isinstance(modules[c.name], RANGE_PRESERVING_TYPES)]
+        if len(in_place) == 1:  # an in-place ReLU (one version later) or an Identity (the same tensor) goes on
+            followed.add(id(in_place[0]))
+            version = in_place[0].result_version
+            continue
+        if len(calls) != 1:
+            return None
+        call = calls[0]
+        if not isinstance(modules[call.name], RANGE_PRESERVING_TYPES):
+            return call.name
+        tensor, version = call.result, call.result_version
+    return None
+
+
+def prune_out_fn(layer: nn.Module) -> Any:
+    """Torch-Pruning's function that removes output channels of a Conv/Linear ``layer``."""
+    import torch_pruning as tp
+
+    return tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+
+
+def dependency_graph(model: nn.Module, example: Any) -> Any:
+    """Torch-Pruning's dependency graph of ``model`` (traced through autograd, in eval mode so that
+    BatchNorm statistics do not move); raises whatever the trace raises."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            model.eval()
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    finally:
+        model.train(was_training)
+
+
+def _trace_couplings(model: nn.Module, example: Any) -> list[list[str]]:
+    try:
+        graph = dependency_graph(model, example)
+    except Exception:  # untraceable: no coupling known
+        return []
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
+    names = {id(m): n for n, m in layers.items()}
+    parent = {n: n for n in layers}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            continue
+        if layer not in graph.module2node:  # not used by forward
+            continue
+        group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=[0])
+        for dep, _ in group:
+            other = names.get(id(dep.target.module))
+            if other is not None and other != name and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+                parent[root(other)] = root(name)
+    groups: dict[str, list[str]] = {}
+    for name in layers:
+        groups.setdefault(root(name), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]

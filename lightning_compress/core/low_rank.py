@@ -1,0 +1,360 @@
+"""Low-rank factorisation of Linear and Conv2d layers: truncated SVD, spatial SVD and Tucker-2.
+
+No Lightning here: functions take a layer (or a model) and return new modules. The callback
+(:class:`~lightning_compress.LowRankFactorization`) decides when, and swaps them in through
+:mod:`lightning_compress.core.surgery`.
+
+- ``Linear``: ``W ≈ (U_r Σ_r)(V_rᵀ)`` as ``Linear(in, r, bias=False)`` then ``Linear(r, out)``.
+- ``Conv2d``, ``svd`` (spatial SVD): the ``k×k`` conv to ``r`` channels (same stride, padding,
+  dilation), then a ``1×1`` conv to ``out`` channels.
+- ``Conv2d``, ``tucker2`` (Kim et al. 2016, HOSVD): ``1×1`` to ``r_in``, ``k×k`` from ``r_in`` to
+  ``r_out``, ``1×1`` to ``out``.
+
+The factorised layer is a :class:`LowRank` (an ``nn.Sequential``), so its structure is visible in
+state-dict keys (``fc.0.weight``, ``fc.1.weight``): :func:`rebuild` recreates it in a fresh model
+from those keys and shapes alone.
+
+Example::
+
+    >>> layer = torch.nn.Linear(64, 32)
+    >>> factorised = factorize_linear(layer, rank=8)
+    >>> [tuple(m.weight.shape) for m in factorised]
+    [(8, 64), (32, 8)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.core.surgery import swap_modules
+from lightning_compress.errors import CompressionConfigError, config_error, one_of
+
+CONV_METHODS = ("svd", "tucker2")
+
+
+class LowRank(nn.Sequential):
+    """A factorised layer: the chain of smaller layers that replaced one Linear or Conv2d."""
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """What a layer became: ``kind`` (``linear``, ``svd``, ``tucker2``) and its ranks."""
+
+    kind: str
+    ranks: tuple[int, ...]
+    params_before: int
+    params_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ranks": list(self.ranks)}
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    """The stored float weight (under fake quantisation, the parametrization's original), in float64."""
+    return weight_of(layer).detach().double()
+
+
+def _matrix(layer: nn.Module) -> Tensor:
+    """The layer's weight as ``(out, in * kh * kw)``."""
+    weight = _weight(layer)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def singular_values(layer: nn.Module) -> Tensor:
+    """Singular values of the layer's weight matrix (``(out, in*kh*kw)``), largest first."""
+    return torch.linalg.svdvals(_matrix(layer))
+
+
+def rank_for(
+    layer: Any, rank: int | None = None, ratio: float | None = None, energy: float | None = None,
+    method: str = "svd",
+) -> tuple[int, ...]:  # fmt: skip
+    """The rank(s) for ``layer``: fixed, by parameter ``ratio`` (largest rank whose factorisation has at
+    most ``ratio`` of the layer's parameters), or by singular-value ``energy`` (smallest rank keeping
+    that fraction of the sum of squared singular values).
+
+    Returns ``(r,)`` for SVD and ``(r_out, r_in)`` for Tucker-2 (the same rule on both unfoldings;
+    ``ratio`` scales both ranks by the same factor).
+
+    Raises:
+        CompressionConfigError: a rank not below the layer's smallest dimension.
+    """
+    out_features, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+    if method == "tucker2":
+        return _tucker_ranks(layer, rank, ratio, energy)
+    full = min(out_features, fan_in)
+    if rank is not None:
+        if rank >= full and full > 1:
+            raise config_error("rank", f"< {full} for {type(layer).__name__} {tuple(layer.weight.shape)}", rank)
+        return (max(1, min(rank, full)),)
+    if ratio is not None:
+        budget = ratio * out_features * fan_in
+        return (max(1, min(full, int(budget // (out_features + fan_in)))),)
+    assert energy is not None
+    return (_energy_rank(singular_values(layer), energy),)
+
+
+def _energy_rank(values: Tensor, energy: float) -> int:
+    share = torch.cumsum(values**2, 0) / (values**2).sum().clamp_min(1e-30)
+    return int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype) - 1e-12).item()) + 1
+
+
+def _unfold(weight: Tensor, mode: int) -> Tensor:
+    return weight.movedim(mode, 0).reshape(weight.shape[mode], -1)
+
+
+def _tucker_ranks(layer: Any, rank: int | None, ratio: float | None, energy: float | None) -> tuple[int, int]:
+    weight = _weight(layer)
+    out_c, in_c, kh, kw = weight.shape
+    if rank is not None:
+        if rank >= min(out_c, in_c) and min(out_c, in_c) > 1:
+            raise config_error("rank", f"< {min(out_c, in_c)} for Conv2d {tuple(weight.shape)} (Tucker-2)", rank)
+        return (max(1, min(rank, out_c)), max(1, min(rank, in_c)))
+    if ratio is not None:
+        budget, best = ratio * weight.numel(), (1, 1)
+        for scale in torch.linspace(1.0, 0.0, 101).tolist():
+            r_out, r_in = max(1, round(scale * out_c)), max(1, round(scale * in_c))
+            if in_c * r_in + r_in * r_out * kh * kw + r_out * out_c <= budget:
+                best = (r_out, r_in)
+                break
+        return best
+    assert energy is not None
+    values = [torch.linalg.svdvals(_unfold(weight, mode)) for mode in (0, 1)]
+    return (_energy_rank(values[0], energy), _energy_rank(values[1], energy))
+
+
+def factorize_linear(layer: nn.Linear, rank: int) -> LowRank:
+    """``Linear(in, out)`` as ``Linear(in, r, bias=False)`` then ``Linear(r, out)`` (truncated SVD)."""
+    u, s, vh = torch.linalg.svd(_matrix(layer), full_matrices=False)
+    root = s[:rank].sqrt()
+    first = nn.Linear(layer.in_features, rank, bias=False)
+    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
+    _set(first.weight, root[:, None] * vh[:rank])
+    _set(second.weight, u[:, :rank] * root)
+    if layer.bias is not None and second.bias is not None:
+        _set(second.bias, layer.bias.detach())
+    return _like(LowRank(first, second), layer)
+
+
+def factorize_conv_svd(layer: nn.Conv2d, rank: int) -> LowRank:
+    """Spatial SVD: the ``k×k`` conv to ``rank`` channels, then a ``1×1`` conv to the outputs."""
+    _check_conv(layer)
+    u, s, vh = torch.linalg.svd(_matrix(layer), full_matrices=False)
+    root = s[:rank].sqrt()
+    first = nn.Conv2d(
+        layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,  # type: ignore[arg-type]
+        bias=False, padding_mode=layer.padding_mode,
+    )  # fmt: skip
+    second = nn.Conv2d(rank, layer.out_channels, 1, bias=layer.bias is not None)
+    _set(first.weight, (root[:, None] * vh[:rank]).reshape(first.weight.shape))
+    _set(second.weight, (u[:, :rank] * root).reshape(second.weight.shape))
+    if layer.bias is not None and second.bias is not None:
+        _set(second.bias, layer.bias.detach())
+    return _like(LowRank(first, second), layer)
+
+
+def factorize_conv_tucker2(layer: nn.Conv2d, ranks: tuple[int, int]) -> LowRank:
+    """Tucker-2 by HOSVD (Kim et al. 2016): ``1×1`` to ``r_in``, ``k×k`` to ``r_out``, ``1×1`` to the outputs."""
+    _check_conv(layer)
+    r_out, r_in = ranks
+    weight = _weight(layer)
+    u_out = torch.linalg.svd(_unfold(weight, 0), full_matrices=False)[0][:, :r_out]
+    u_in = torch.linalg.svd(_unfold(weight, 1), full_matrices=False)[0][:, :r_in]
+    core = torch.einsum("oikl,or,is->rskl", weight, u_out, u_in)
+    first = nn.Conv2d(layer.in_channels, r_in, 1, bias=False)
+    middle = nn.Conv2d(
+        r_in, r_out, layer.kernel_size, layer.stride, layer.padding, layer.dilation,  # type: ignore[arg-type]
+        bias=False, padding_mode=layer.padding_mode,
+    )  # fmt: skip
+    last = nn.Conv2d(r_out, layer.out_channels, 1, bias=layer.bias is not None)
+    _set(first.weight, u_in.T.reshape(first.weight.shape))
+    _set(middle.weight, core)
+    _set(last.weight, u_out.reshape(last.weight.shape))
+    if layer.bias is not None and last.bias is not None:
+        _set(last.bias, layer.bias.detach())
+    return _like(LowRank(first, middle, last), layer)
+
+
+def _check_conv(layer: nn.Conv2d) -> None:
+    if layer.groups != 1:
+        raise CompressionConfigError(
+            f"cannot factorise a grouped or depthwise Conv2d (groups={layer.groups}): its weight is not one matrix"
+        )
+
+
+def _set(param: Tensor, value: Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _like(module: LowRank, layer: Any) -> LowRank:
+    return module.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
+
+
+def smallest_dimension(layer: Any) -> int:
+    """``min(out, in * kh * kw)`` of a Linear/Conv2d weight: the full rank of its matrix."""
+    return int(min(layer.weight.shape[0], layer.weight[0].numel()))
+
+
+def skip_reason(layer: Any) -> str | None:
+    """Why ``layer`` is not factorised (``None`` when it can be)."""
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return "grouped or depthwise convolution"
+    if smallest_dimension(layer) < 2:
+        return "a dimension of size 1"
+    return None
+
+
+def factorize(
+    layer: nn.Module,
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    conv_method: str = "svd",
+) -> tuple[LowRank, Factorization]:
+    """Factorise one Linear or Conv2d layer (exactly one of ``rank``, ``ratio``, ``energy``).
+
+    Raises:
+        CompressionConfigError: bad settings, or a layer that cannot be factorised.
+    """
+    check_settings(rank, ratio, energy, conv_method)
+    if isinstance(layer, nn.Linear):
+        ranks = rank_for(layer, rank, ratio, energy)
+        new, kind = factorize_linear(layer, ranks[0]), "linear"
+    elif isinstance(layer, nn.Conv2d):
+        ranks = rank_for(layer, rank, ratio, energy, conv_method)
+        if conv_method == "tucker2":
+            new, kind = factorize_conv_tucker2(layer, (ranks[0], ranks[1])), "tucker2"
+        else:
+            new, kind = factorize_conv_svd(layer, ranks[0]), "svd"
+    else:
+        raise CompressionConfigError(f"cannot factorise a {type(layer).__name__}: only Linear and Conv2d layers")
+    return new, Factorization(kind, ranks, _count(layer), _count(new))
+
+
+def check_settings(rank: Any, ratio: Any, energy: Any, conv_method: str = "svd") -> None:
+    """Validate a rank rule: exactly one of ``rank`` (int >= 1), ``ratio`` (0, 1), ``energy`` (0, 1].
+
+    Raises:
+        CompressionConfigError: none or several given, or one out of range.
+    """
+    given = [name for name, value in (("rank", rank), ("ratio", ratio), ("energy", energy)) if value is not None]
+    if len(given) != 1:
+        raise config_error("rank/ratio/energy", "exactly one of them set", given or None)
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise config_error("rank", "an integer >= 1", rank)
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1):
+        raise config_error("ratio", "a number in (0, 1)", ratio)
+    if energy is not None and (not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0 < energy <= 1):
+        raise config_error("energy", "a number in (0, 1]", energy)
+    if conv_method not in CONV_METHODS:
+        raise config_error("conv_method", one_of(CONV_METHODS), conv_method)
+
+
+def plan(
+    model: nn.Module,
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    conv_method: str = "svd",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> tuple[dict[str, tuple[LowRank, Factorization]], dict[str, str]]:
+    """Factorise every selected layer of ``model`` that can be and that saves parameters.
+
+    The model is not changed: swap the returned modules in (:func:`lightning_compress.core.surgery.swap_modules`,
+    or :func:`lightning_compress.callbacks.replace.replace_modules` during a fit).
+
+    Returns:
+        ``({name: (new module, factorization)}, {name: why it was left alone})``.
+
+    Raises:
+        CompressionConfigError: bad settings, or no Linear/Conv2d layer selected.
+    """
+    check_settings(rank, ratio, energy, conv_method)
+    layers = {n: m for n, m in select_layers(model, include, exclude).items() if not isinstance(m, LowRank)}
+    layers = {n: m for n, m in layers.items() if not any(n.startswith(f"{o}.") for o in _low_rank_names(model))}
+    if not layers:
+        raise CompressionConfigError(
+            f"no Linear/Conv2d layer of {type(model).__name__} selected to factorise "
+            f"(include={include}, exclude={exclude})"
+        )
+    chosen: dict[str, tuple[LowRank, Factorization]] = {}
+    skipped: dict[str, str] = {}
+    too_high: list[str] = []
+    for name, layer in layers.items():
+        reason = skip_reason(layer)
+        if reason is None:
+            try:
+                new, result = factorize(layer, rank, ratio, energy, conv_method)
+            except CompressionConfigError as error:  # a fixed rank too high for this layer
+                too_high.append(str(error))
+                skipped[name] = f"rank {rank} is not below its smallest dimension"
+                continue
+            if result.params_after < result.params_before:
+                chosen[name] = (new, result)
+                continue
+            reason = f"no saving at rank {result.ranks} ({result.params_after} >= {result.params_before} parameters)"
+        skipped[name] = reason
+    if not chosen and too_high and len(too_high) == len(skipped):
+        raise CompressionConfigError(f"{too_high[0]} (and every other selected layer)")
+    return chosen, skipped
+
+
+def _low_rank_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, LowRank)]
+
+
+def describe(new: Any) -> Factorization:
+    """The :class:`Factorization` a :class:`LowRank` module stands for (read off its layers' shapes)."""
+    first, last = new[0], new[-1]
+    bias = 0 if last.bias is None else last.bias.numel()
+    ranks: tuple[int, ...]
+    if isinstance(first, nn.Linear):
+        kind, ranks = "linear", (first.out_features,)
+        before = first.in_features * last.out_features + bias
+    else:
+        spatial = new[1] if len(new) == 3 else first
+        kind = "tucker2" if len(new) == 3 else "svd"
+        ranks = (new[1].out_channels, first.out_channels) if len(new) == 3 else (first.out_channels,)
+        before = first.in_channels * last.out_channels * spatial.weight[0, 0].numel() + bias
+    return Factorization(kind, ranks, before, _count(new))
+
+
+def rebuild(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, tuple[nn.Module, LowRank]]:
+    """Recreate, in ``model``, every factorised layer that ``state_dict`` holds (from its keys and shapes).
+
+    A layer ``name`` that is a Linear/Conv2d in ``model`` but has ``name.0.weight`` (or, fake-quantised,
+    ``name.0.parametrizations.weight.original``) in the state dict becomes a :class:`LowRank` of the
+    same kind and ranks, ready for ``load_state_dict``. Returns ``{name: (old layer, new module)}``.
+    """
+    rebuilt: dict[str, tuple[nn.Module, LowRank]] = {}
+    layer: Any
+    for name, layer in select_layers(model).items():
+        shapes = []
+        for i in range(3):
+            for key in (f"{name}.{i}.weight", f"{name}.{i}.parametrizations.weight.original"):
+                if key in state_dict:
+                    shapes.append(state_dict[key].shape)
+        if len(shapes) < 2:
+            continue
+        new: LowRank
+        if isinstance(layer, nn.Linear):
+            new = factorize_linear(layer, shapes[0][0])
+        elif len(shapes) == 2:
+            new = factorize_conv_svd(layer, shapes[0][0])
+        else:
+            new = factorize_conv_tucker2(layer, (shapes[1][0], shapes[0][0]))
+        swap_modules(model, {name: new})
+        rebuilt[name] = (layer, new)
+    return rebuilt

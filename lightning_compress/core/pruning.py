@@ -1,0 +1,341 @@
+"""Pruning core: magnitude scores, masks as buffers, applying and folding them.
+
+No Lightning here: every function takes a plain ``torch.nn.Module``. Masks are boolean buffers
+(``weight_mask``, and ``bias_mask`` for channel pruning) registered on the pruned modules, so any
+``state_dict`` and checkpoint holds them. Nothing wraps ``forward`` and no forward hook is added:
+masks are multiplied into the weights after each optimizer step, which costs nothing in forward.
+
+Example::
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> masks = prune(model, 0.5)
+    >>> round(sparsity(select_layers(model)), 2)
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+
+SCOPES = ("global", "layer")
+NORMS = ("l1", "l2")
+WEIGHT_MASK = "weight_mask"
+BIAS_MASK = "bias_mask"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: ``unstructured``, ``channel`` (whole output channels) or ``N:M``."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern:
+        """Parse ``"unstructured"``, ``"channel"`` or ``"N:M"`` (e.g. ``"2:4"``).
+
+        Raises:
+            CompressionConfigError: anything else, or an N:M with ``0 < N < M`` violated.
+        """
+        allowed = "'unstructured', 'channel' or 'N:M' with 0 < N < M (e.g. '2:4')"
+        if text in ("unstructured", "channel"):
+            return cls(text)
+        parts = text.split(":") if isinstance(text, str) else []
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            n, m = int(parts[0]), int(parts[1])
+            if 0 < n < m:
+                return cls("n:m", n, m)
+        raise config_error("pattern", allowed, text, did_you_mean(str(text), ("unstructured", "channel")))
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity an N:M pattern implies, ``1 - N/M``; ``None`` for the other patterns."""
+        return (self.m - self.n) / self.m if self.kind == "n:m" else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
+
+
+def nm_incompatibility(module: nn.Module, pattern: Pattern) -> str | None:
+    """Why ``module`` cannot take an N:M pattern along its input dimension, or ``None`` if it can."""
+    inputs = weight_of(module).shape[1]
+    if inputs % pattern.m:
+        return f"its input dimension {inputs} is not a multiple of M={pattern.m}"
+    return None
+
+
+def incompatible_layer_error(name: str, pattern: Pattern, reason: str) -> CompressionConfigError:
+    """The error for a selected layer that cannot take ``pattern``: names it and how to leave it out."""
+    return CompressionConfigError(
+        f"module {name!r} cannot take pattern '{pattern}': {reason}. HINT: leave it out with exclude=[{name!r}]"
+    )
+
+
+def _weight_groups(weight: Tensor, m: int) -> Tensor:
+    """View ``weight`` as rows of ``m`` consecutive input-dimension entries (channels last for convs)."""
+    w = weight.movedim(1, -1) if weight.dim() > 2 else weight
+    return w.reshape(-1, m)
+
+
+def _from_groups(groups: Tensor, shape: torch.Size) -> Tensor:
+    if len(shape) > 2:
+        moved = (shape[0], *shape[2:], shape[1])
+        return groups.reshape(moved).movedim(-1, 1)
+    return groups.reshape(shape)
+
+
+def _nm_mask(weight: Tensor, pattern: Pattern, target: float) -> Tensor:
+    zeros = min(pattern.m - pattern.n, math.floor(target * pattern.m + 1e-9))
+    groups = _weight_groups(weight.detach().abs(), pattern.m)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    if zeros > 0:
+        smallest = torch.topk(groups, zeros, dim=1, largest=False).indices
+        mask.scatter_(1, smallest, False)
+    return _from_groups(mask, weight.shape)
+
+
+def _keep_top(scores: Tensor, keep: int) -> Tensor:
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if keep > 0:
+        mask[torch.topk(scores, keep, sorted=False).indices] = True
+    return mask
+
+
+def _channel_scores(weight: Tensor, norm: str, normalise: bool) -> Tensor:
+    flat = weight.detach().reshape(weight.shape[0], -1).float()
+    p = 1 if norm == "l1" else 2
+    scores = flat.norm(p=p, dim=1)
+    if normalise:  # comparable across layers of different fan-in: the mean (L1) or RMS (L2) magnitude
+        scores = scores / flat.shape[1] ** (1.0 / p)
+    return scores
+
+
+def compute_masks(
+    weights: Mapping[str, Tensor],
+    target: float,
+    pattern: Pattern | str = "unstructured",
+    scope: str = "global",
+    norm: str = "l1",
+    couplings: Sequence[Sequence[str]] = (),
+) -> dict[str, Tensor]:
+    """Boolean keep-masks that prune ``target`` of the given weights by magnitude.
+
+    Args:
+        weights: ``{name: weight}``; the masks have the same shapes.
+        target: the fraction to prune, in ``[0, 1)``.
+        pattern: ``unstructured``, ``channel`` (whole output channels, ranked by ``norm``) or ``N:M``
+            (in every group of M consecutive weights along the input dimension, ``round(target*M)``
+            of them are pruned, at most ``M - N``).
+        scope: ``global`` (one threshold across all weights; channel scores are then normalised by
+            fan-in) or ``layer`` (each weight pruned to ``target``). N:M is always per group.
+        norm: ``l1`` or ``l2``, the channel score.
+        couplings: for ``channel``, groups of layers whose output channels are one set (e.g. the
+            convolutions feeding the same residual add, see
+            :meth:`lightning_compress.core.graph.ModelGraph.couplings`): they share one mask, chosen by
+            their summed (mean-normalised) channel scores, and count once towards the target.
+
+    Returns:
+        ``{name: bool mask}``: ``True`` keeps a weight. Channel masks have shape ``(out_channels,)``.
+    """
+    pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
+    if not 0.0 <= target < 1.0:
+        raise config_error("target", "in [0, 1)", target)
+    if scope not in SCOPES:
+        raise config_error("scope", one_of(SCOPES), scope, did_you_mean(scope, SCOPES))
+    if norm not in NORMS:
+        raise config_error("norm", one_of(NORMS), norm, did_you_mean(norm, NORMS))
+    if pattern.kind == "n:m":
+        return {name: _nm_mask(w, pattern, target) for name, w in weights.items()}
+    groups: list[list[str]] = []
+    if pattern.kind == "channel":
+        scores = {name: _channel_scores(w, norm, normalise=scope == "global") for name, w in weights.items()}
+        groups = [[n for n in group if n in scores] for group in couplings]
+        groups = [g for g in groups if len(g) > 1 and len({scores[n].numel() for n in g}) == 1]
+        for group in groups:  # one entry stands for the group
+            total = sum(scores[n] / scores[n].mean().clamp_min(1e-12) for n in group)
+            scale = torch.stack([scores[n].mean() for n in group]).mean()
+            scores[group[0]] = total / len(group) * scale
+            for name in group[1:]:
+                del scores[name]
+    else:
+        scores = {name: w.detach().abs().reshape(-1).float() for name, w in weights.items()}
+    if scope == "layer":
+        flat_masks = {name: _keep_top(s, _kept(s.numel(), target, pattern)) for name, s in scores.items()}
+    else:
+        flat_masks = _global_masks(scores, target, pattern)
+    if pattern.kind == "channel":
+        for group in groups:
+            for name in group[1:]:
+                flat_masks[name] = flat_masks[group[0]].clone()
+        return flat_masks
+    return {name: flat_masks[name].reshape(w.shape) for name, w in weights.items()}
+
+
+def _kept(numel: int, target: float, pattern: Pattern) -> int:
+    keep = numel - round(target * numel)
+    return max(keep, 1) if pattern.kind == "channel" else keep
+
+
+def _global_masks(scores: Mapping[str, Tensor], target: float, pattern: Pattern) -> dict[str, Tensor]:
+    names = list(scores)
+    sizes = [scores[n].numel() for n in names]
+    flat = torch.cat([scores[n] for n in names])
+    mask = _keep_top(flat, flat.numel() - round(target * flat.numel()))
+    out = dict(zip(names, mask.split(sizes), strict=True))
+    if pattern.kind == "channel":  # never remove a layer whole: keep its best channel
+        for name in names:
+            if not out[name].any():
+                out[name] = out[name].clone()
+                out[name][scores[name].argmax()] = True
+    return out
+
+
+def _fill_missing_masks(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    """Load pre-hook: a state dict written before pruning (no mask) loads as 'nothing pruned yet'."""
+    for buffer in (WEIGHT_MASK, BIAS_MASK):
+        key = prefix + buffer
+        if hasattr(module, buffer) and key not in state_dict:
+            state_dict[key] = torch.ones_like(getattr(module, buffer))
+
+
+def attach_masks(modules: Mapping[str, nn.Module], with_bias: bool = False) -> None:
+    """Give each module an all-``True`` ``weight_mask`` buffer (and ``bias_mask``) unless it has one.
+
+    Idempotent. A state dict without masks still loads into an attached module (as all-ones).
+    """
+    for module in modules.values():
+        if not hasattr(module, WEIGHT_MASK):
+            module.register_buffer(WEIGHT_MASK, torch.ones_like(weight_of(module), dtype=torch.bool))
+            module.register_load_state_dict_pre_hook(_fill_missing_masks)
+        bias = getattr(module, "bias", None)
+        if with_bias and bias is not None and not hasattr(module, BIAS_MASK):
+            module.register_buffer(BIAS_MASK, torch.ones_like(bias, dtype=torch.bool))
+
+
+def set_masks(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> None:
+    """Write computed masks into the modules' buffers (channel masks broadcast over the channel)."""
+    for name, mask in masks.items():
+        module = modules[name]
+        weight_mask = getattr(module, WEIGHT_MASK)
+        if mask.dim() == 1 and weight_mask.dim() > 1:  # channel mask
+            weight_mask.copy_(mask.reshape(-1, *([1] * (weight_mask.dim() - 1))).expand_as(weight_mask))
+            if hasattr(module, BIAS_MASK):
+                getattr(module, BIAS_MASK).copy_(mask)
+        else:
+            weight_mask.copy_(mask)
+
+
+def mask_pairs(modules: Iterable[nn.Module]) -> tuple[list[Tensor], list[Tensor]]:
+    """The (parameters, masks) to multiply, for :func:`apply_masks`; valid while the modules keep them."""
+    tensors: list[Tensor] = []
+    masks: list[Tensor] = []
+    for module in modules:
+        for param_name, buffer in (("weight", WEIGHT_MASK), ("bias", BIAS_MASK)):
+            mask = getattr(module, buffer, None)
+            if mask is not None:
+                tensors.append(weight_of(module) if param_name == "weight" else getattr(module, param_name))
+                masks.append(mask)
+    return tensors, masks
+
+
+@torch.no_grad()
+def apply_masks(modules: Iterable[nn.Module] | tuple[list[Tensor], list[Tensor]]) -> None:
+    """Zero every masked weight (and bias) in place, with one fused multiply for all layers.
+
+    Args:
+        modules: the masked modules, or the pairs :func:`mask_pairs` returned for them (cheaper
+            on a hot path: masks are updated in place, so the pairs stay valid).
+    """
+    tensors, masks = modules if isinstance(modules, tuple) else mask_pairs(modules)
+    if tensors:
+        torch._foreach_mul_(tensors, masks)
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule of ``model`` that carries a ``weight_mask`` buffer."""
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, WEIGHT_MASK, None), Tensor)}
+
+
+@torch.no_grad()
+def fold_module_masks(modules: Iterable[nn.Module]) -> None:
+    """Multiply each module's masks into its weights and remove the mask buffers and hook, in place."""
+    for module in modules:
+        apply_masks([module])
+        for buffer in (WEIGHT_MASK, BIAS_MASK):
+            module._buffers.pop(buffer, None)
+        hooks = module._load_state_dict_pre_hooks
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _fill_missing_masks]:
+            del hooks[key]
+
+
+def fold_masks(model: nn.Module) -> nn.Module:
+    """Fold every mask of ``model`` into its weights (see :func:`fold_module_masks`) and return it.
+
+    The model's ``state_dict`` then loads into a fresh instance of its original class.
+    """
+    fold_module_masks(list(masked_modules(model).values()))
+    return model
+
+
+def sparsity(modules: Mapping[str, nn.Module]) -> float:
+    """Fraction of exactly-zero weights over the given modules, counted from the weight tensors."""
+    zeros = sum(int((weight_of(m) == 0).sum()) for m in modules.values())
+    total = sum(weight_of(m).numel() for m in modules.values())
+    return zeros / total if total else 0.0
+
+
+def layer_sparsity(modules: Mapping[str, nn.Module]) -> dict[str, float]:
+    """``{name: fraction of exactly-zero weights}``, counted from each weight tensor."""
+    return {name: float((weight_of(m) == 0).float().mean()) for name, m in modules.items()}
+
+
+def prune(
+    model: nn.Module,
+    target: float,
+    pattern: str = "unstructured",
+    scope: str = "global",
+    norm: str = "l1",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """One-shot magnitude pruning of ``model`` in place: attach masks, compute them, zero the weights.
+
+    Args:
+        model: the model to prune.
+        target: the fraction of the selected weights to prune, in ``[0, 1)``.
+        pattern: ``unstructured``, ``channel`` or ``N:M``.
+        scope: ``global`` or ``layer``.
+        norm: channel score, ``l1`` or ``l2``.
+        include: module-name patterns to prune (default every Conv and Linear).
+        exclude: module-name patterns to leave alone.
+
+    Returns:
+        The masks, ``{module name: bool mask}``.
+
+    Raises:
+        CompressionConfigError: no layer selected, or a selected layer cannot take the pattern.
+    """
+    parsed = Pattern.parse(pattern)
+    modules = select_layers(model, include, exclude)
+    if not modules:
+        raise CompressionConfigError("no Conv/Linear layer selected for pruning; check `include`/`exclude`")
+    if parsed.kind == "n:m":
+        for name, module in modules.items():
+            reason = nm_incompatibility(module, parsed)
+            if reason:
+                raise incompatible_layer_error(name, parsed, reason)
+    attach_masks(modules, with_bias=parsed.kind == "channel")
+    masks = compute_masks({n: weight_of(m) for n, m in modules.items()}, target, parsed, scope, norm)
+    set_masks(modules, masks)
+    apply_masks(modules.values())
+    return masks

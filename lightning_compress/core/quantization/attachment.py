@@ -1,0 +1,264 @@
+"""Attaching fake quantisation to a model, in place, without replacing any ``forward``.
+
+What :func:`attach` puts on every selected Conv/Linear layer:
+
+- a weight parametrization (:class:`~lightning_compress.core.quantization.fake_quant.WeightFakeQuant`),
+  which folds the following BatchNorm once :func:`link_batchnorms` pairs them;
+- an input and an output :class:`~lightning_compress.core.quantization.fake_quant.ActivationFakeQuant`,
+  run by a forward pre-hook and a forward hook (on the following BatchNorm when the layer is
+  folded), so the exported graph has a quantised input and output around every Conv/Linear, which
+  ONNX Runtime fuses into integer kernels.
+
+Everything is attached disabled; :func:`enable` turns it on (the callback does at ``start_epoch``),
+so checkpoints have the same keys before and during QAT. :func:`share_ranges` lets one range serve
+a layer's output and the next layer's input where the model analysis says they are one tensor.
+
+Example::
+
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    >>> layers = attach(model, QuantConfig(weight_bits=4))
+    >>> enable(model)
+    >>> model(torch.randn(2, 1, 8, 8)).shape
+    torch.Size([2, 4, 6, 6])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_compress.core.graph import analyze
+from lightning_compress.core.layers import select_layers
+from lightning_compress.core.quantization.config import QuantConfig
+from lightning_compress.core.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from lightning_compress.errors import CompressionConfigError
+
+INPUT_QUANT = "input_quant"
+OUTPUT_QUANT = "output_quant"
+
+
+def _quantise_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (getattr(module, INPUT_QUANT)(args[0]), *args[1:])
+
+
+def set_input_quantizer(layer: nn.Module, quantizer: nn.Module) -> None:
+    """Make ``quantizer`` (it becomes ``layer``'s ``input_quant`` child) quantise ``layer``'s input."""
+    if INPUT_QUANT not in layer._modules:
+        layer.register_forward_pre_hook(_quantise_input)
+    layer.add_module(INPUT_QUANT, quantizer)
+
+
+def _quantise_output(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    # The quantiser is the layer's child; a folded BatchNorm holds it in a list (not as a submodule),
+    # which deepcopy maps to the copy's own quantiser.
+    return cast(Tensor, module.__dict__[_OUTPUT_QUANT_REF][0](output))
+
+
+_OUTPUT_QUANT_REF = "_lc_output_quant"
+
+
+def set_output_quantizer(layer: nn.Module, owner: nn.Module, quantizer: nn.Module) -> None:
+    """Make ``quantizer`` (a child of ``layer``) quantise the output of ``owner`` (``layer`` or its BatchNorm)."""
+    layer.add_module(OUTPUT_QUANT, quantizer)
+    if _OUTPUT_QUANT_REF not in owner.__dict__:
+        owner.register_forward_hook(_quantise_output)
+    owner.__dict__[_OUTPUT_QUANT_REF] = [quantizer]
+
+
+def attach(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    bn_pairs: Mapping[str, str] | None = None,
+) -> dict[str, nn.Module]:
+    """Attach (disabled) fake quantisation to the selected Conv/Linear layers of ``model``, in place.
+
+    Args:
+        model: the model.
+        config: bits, granularity and observer.
+        include: module-name patterns to quantise (default every Conv and Linear layer).
+        exclude: module-name patterns to leave in float.
+        bn_pairs: ``{layer: batchnorm}`` to fold (see :func:`find_bn_pairs`); ``None`` folds nothing
+            now (:func:`link_batchnorms` can fold later, e.g. once a real batch is at hand).
+
+    Returns:
+        ``{name: layer}`` of the quantised layers. Idempotent: attached layers are left as they are.
+
+    Raises:
+        CompressionConfigError: no layer selected.
+    """
+    config = config or QuantConfig()
+    layers = select_layers(model, include, exclude)
+    if not layers:
+        raise CompressionConfigError(
+            f"nothing to quantise in {type(model).__name__}: no Conv/Linear layer selected "
+            f"(include={include}, exclude={exclude})"
+        )
+    for layer in layers.values():
+        if is_attached(layer):
+            continue
+        parametrize.register_parametrization(layer, "weight", WeightFakeQuant(config.weight_bits, config.per_channel))
+        set_input_quantizer(layer, ActivationFakeQuant(config.activation_bits, config.observer, config.ema_decay))
+        output_quant = ActivationFakeQuant(config.activation_bits, config.observer, config.ema_decay)
+        set_output_quantizer(layer, layer, output_quant)
+    if config.fold_bn and bn_pairs:
+        link_batchnorms(model, bn_pairs)
+    return layers
+
+
+def link_batchnorms(model: nn.Module, bn_pairs: Mapping[str, str]) -> int:
+    """Fold each paired BatchNorm into its layer's weight quantisation (see :func:`find_bn_pairs`).
+
+    The layer's output quantisation moves behind the BatchNorm: after folding, that is the deployed
+    layer's output. Only convolutions are folded. Returns how many pairs were linked.
+    """
+    modules = dict(model.named_modules())
+    linked = 0
+    for layer_name, bn_name in bn_pairs.items():
+        layer, bn = modules[layer_name], modules[bn_name]
+        if not is_attached(layer) or not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        quant = weight_quantizer(layer)
+        if quant.bn is bn:
+            continue
+        quant._bn[:] = [bn]
+        _remove_hooks(layer._forward_hooks, _quantise_output)
+        layer.__dict__.pop(_OUTPUT_QUANT_REF, None)
+        set_output_quantizer(layer, bn, getattr(layer, OUTPUT_QUANT))
+        linked += 1
+    return linked
+
+
+def shared_range_layers(model: nn.Module, example: Any) -> list[str]:
+    """The quantised layers whose output reaches another quantised layer only through ReLU / MaxPool /
+    Flatten / Identity / Dropout modules (read off the model's cached analysis, see
+    :mod:`lightning_compress.core.graph`): the next layer's input range can serve their output.
+
+    Deterministic for a given model, so training and export agree; a path through functional ops
+    or with several consumers keeps its output quantiser.
+    """
+    graph = analyze(model, example)
+    layers = quantized_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    starts = {name: names[id(weight_quantizer(layer).bn or layer)] for name, layer in layers.items()}
+    return [name for name, start in starts.items() if graph.reaches.get(start) in layers]
+
+
+def share_ranges(model: nn.Module, example: Any) -> list[str]:
+    """Bypass the output quantiser of every layer :func:`shared_range_layers` names; return those names.
+
+    Quantisation commutes with those ops, so the next layer's input quantiser covers the tensor:
+    the exported graph then has one QuantizeLinear/DequantizeLinear per tensor, which ONNX Runtime
+    fuses (ReLU into the quantised Conv, MaxPool in int8) instead of requantising between layers.
+    """
+    shared = shared_range_layers(model, example)
+    for name in shared:
+        getattr(model.get_submodule(name), OUTPUT_QUANT).bypass = True
+    return shared
+
+
+def sync_observers(model: nn.Module) -> None:
+    """Under ``torch.distributed``, give every rank the union of all ranks' observed ranges (one all-reduce)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    observers = [getattr(m, a) for m in quantized_layers(model).values() for a in (INPUT_QUANT, OUTPUT_QUANT)]
+    if not observers or torch.distributed.get_world_size() < 2:
+        return
+    bounds = torch.stack([torch.stack([-o.min_val, o.max_val]) for o in observers])
+    torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
+    for observer, (neg_min, max_val) in zip(observers, bounds, strict=True):
+        observer.min_val.copy_(-neg_min)
+        observer.max_val.copy_(max_val)
+
+
+def is_attached(layer: nn.Module) -> bool:
+    """Whether ``layer`` carries this module's fake quantisation."""
+    return isinstance(getattr(layer, INPUT_QUANT, None), ActivationFakeQuant)
+
+
+def weight_quantizer(layer: nn.Module) -> WeightFakeQuant:
+    """The :class:`WeightFakeQuant` parametrizing ``layer.weight``."""
+    return cast(WeightFakeQuant, layer.parametrizations.weight[0])  # type: ignore[union-attr,index]
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer of ``model`` with fake quantisation attached."""
+    return {name: m for name, m in model.named_modules() if is_attached(m)}
+
+
+def _quantizers(model: nn.Module) -> Iterator[nn.Module]:
+    for layer in quantized_layers(model).values():
+        yield weight_quantizer(layer)
+        yield getattr(layer, INPUT_QUANT)
+        yield getattr(layer, OUTPUT_QUANT)
+
+
+def _remove_hooks(hooks: dict[int, Any], fn: Any) -> None:
+    for key in [k for k, hook in hooks.items() if hook is fn]:
+        del hooks[key]
+
+
+def unparametrize_weight(layer: nn.Module, value: Tensor | None = None) -> None:
+    """Make ``layer.weight`` a plain parameter again (``value``, default the stored original).
+
+    Unlike ``torch.nn.utils.parametrize.remove_parametrizations`` this touches this instance only:
+    deep copies of a parametrized module share its generated class, and removing the property
+    from that class would break every copy.
+    """
+    original = cast(Tensor, layer.parametrizations.weight.original)  # type: ignore[union-attr]
+    layer.__class__ = layer.__class__.__bases__[0]
+    del layer._modules["parametrizations"]
+    layer.weight = nn.Parameter((original if value is None else value).detach().clone())
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove all fake quantisation from ``model`` in place: plain float layers, original state-dict keys."""
+    for layer in quantized_layers(model).values():
+        owner = weight_quantizer(layer).bn or layer
+        unparametrize_weight(layer)
+        _remove_hooks(layer._forward_pre_hooks, _quantise_input)
+        _remove_hooks(owner._forward_hooks, _quantise_output)
+        owner.__dict__.pop(_OUTPUT_QUANT_REF, None)
+        for attr in (INPUT_QUANT, OUTPUT_QUANT):
+            delattr(layer, attr)
+    return model
+
+
+def enable(model: nn.Module, on: bool = True) -> None:
+    """Turn fake quantisation on (or off) everywhere in ``model``."""
+    for quantizer in _quantizers(model):
+        cast(Tensor, quantizer.enabled).fill_(on)
+
+
+def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
+    """Stop (or restart) updating the activation ranges."""
+    for layer in quantized_layers(model).values():
+        for attr in (INPUT_QUANT, OUTPUT_QUANT):
+            cast(Tensor, getattr(layer, attr).observing).fill_(not frozen)
+
+
+def folded_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms folded into quantised weights."""
+    bns = (weight_quantizer(layer).bn for layer in quantized_layers(model).values())
+    return [bn for bn in bns if bn is not None]
+
+
+def freeze_bn(model: nn.Module) -> None:
+    """Put every folded BatchNorm in eval mode: running statistics, no more updates (idempotent)."""
+    for bn in folded_batchnorms(model):
+        bn.eval()
+
+
+def observer_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """``{"<layer>.input_quant": (min, max), ...}`` of every activation observer."""
+    ranges = {}
+    for name, layer in quantized_layers(model).items():
+        for attr in (INPUT_QUANT, OUTPUT_QUANT):
+            quant = getattr(layer, attr)
+            ranges[f"{name}.{attr}"] = (float(quant.min_val), float(quant.max_val))
+    return ranges

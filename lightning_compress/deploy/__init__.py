@@ -1,0 +1,7 @@
+"""Deployment: what leaves the run. ``onnx`` (fp32 and int8 QDQ files), ``shrink`` (physical channel
+removal), ``verify`` (ONNX Runtime against PyTorch), ``measure`` (params, bytes, MACs, latency),
+``report`` (JSON, Markdown, plots), ``bundle`` (the whole folder, verified, written atomically) and
+``restore`` (a compressed model rebuilt from a plain checkpoint in a fresh process).
+
+May import: ``lightning_compress.errors``, ``core`` and ``deploy`` itself; never Lightning.
+"""

@@ -1,0 +1,162 @@
+"""A trained, compressed model as deployable files, verified, with a report — written atomically.
+
+No Lightning here: :func:`write_bundle` takes the model, the model as it was before compression,
+an example batch and validation batches. :class:`~lightning_compress.CompressionExport` calls it at
+the end of ``fit``; ``lightning-compress export`` calls it on a checkpoint. It makes one float copy
+of the model (channels removed in place, one Torch-Pruning trace) and, for ``onnx_int8``, one more
+copy of that to quantise: no more copies than formats written.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.deploy import report as rep
+from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms, ort_session
+from lightning_compress.deploy.onnx import apply_int8, float_copy, int8_plan, write_onnx
+from lightning_compress.deploy.shrink import remove_zero_channels
+from lightning_compress.deploy.verify import (
+    FP32_MIN_AGREEMENT,
+    INT8_MIN_AGREEMENT,
+    fp32_tolerance,
+    int8_tolerance,
+)
+from lightning_compress.deploy.verify import verify as check
+
+FORMATS = ("onnx", "onnx_int8", "checkpoint")
+FILES = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "checkpoint": "model.ckpt"}
+
+
+def write_bundle(
+    model: nn.Module,
+    before: nn.Module,
+    folder: str | os.PathLike[str],
+    example: Tensor,
+    val: Sequence[tuple[Tensor, Tensor]],
+    formats: Sequence[str] = ("onnx", "checkpoint"),
+    checkpoint: Mapping[str, Any] | None = None,
+    verify: bool = True,
+    physical: bool = True,
+    plots: bool = True,
+    before_accuracy: bool = True,
+) -> dict[str, Any]:
+    """Export ``model`` in ``formats`` into ``folder``, verify the ONNX files, and write the report.
+
+    Args:
+        model: the trained model (masks, fake quantisation and factorised layers as trained); it is run
+            in eval mode for the checks and left in the mode it was in.
+        before: the model before compression (a float copy, which the bundle exports as it is and
+            leaves on the CPU in eval mode), for the before/after figures.
+        folder: the output folder; files appear in it under their final names only when complete.
+        example: a batch to trace with.
+        val: ``(input, label)`` validation batches: the first checks the files, all give the ORT accuracy.
+        formats: any of ``onnx``, ``onnx_int8`` (needs fake quantisation), ``checkpoint``.
+        checkpoint: what the ``checkpoint`` file holds (default ``{"state_dict": model.state_dict()}``).
+        verify: compare every ONNX file with PyTorch (fp32: within 1e-4 relative; int8: against the
+            fake-quant model, within two output quantisation steps).
+        physical: remove whole zero output channels (see :mod:`lightning_compress.deploy.shrink`).
+        plots: write the PNG plots.
+        before_accuracy: measure ``before``'s accuracy too (off when ``before`` is an untrained instance).
+
+    Returns:
+        The report (also in ``report.json``).
+
+    Raises:
+        ExportVerificationError: a file does not reproduce the model; nothing is written then.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()  # the reference outputs: running statistics, observers still
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:
+            settings = (verify, physical, plots, before_accuracy)
+            report = _bundle(model, before, Path(tmp), example, list(val), formats, checkpoint, *settings)
+            for path in sorted(Path(tmp).iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    os.replace(path, folder / path.name)
+    finally:
+        model.train(was_training)
+    for entry in report["files"].values():
+        entry["path"] = str(folder / entry["path"])
+    return report
+
+
+def _bundle(
+    model: nn.Module, before: nn.Module, tmp: Path, example: Tensor, val: list[tuple[Tensor, Tensor]],
+    formats: Sequence[str], checkpoint: Mapping[str, Any] | None, verify: bool, physical: bool, plots: bool,
+    before_accuracy: bool,
+) -> dict[str, Any]:  # fmt: skip
+    batch = val[0][0] if val else example
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    fp32 = float_copy(model).cpu().eval()  # the one float copy: shrunk in place, the int8 model is built from it
+    plan = int8_plan(model, fp32, example) if "onnx_int8" in formats else None  # scales before any removal
+    structure: dict[str, Any] = {"physical": False, "removed_channels": {}, "reason": None}
+    removed: dict[str, list[int]] = {}
+    if physical:
+        _, info = remove_zero_channels(fp32, example, inplace=True)  # the export's one Torch-Pruning trace
+        if not info["traced"]:
+            warnings.warn(f"the export keeps the pruning masks: {info['reason']}", stacklevel=2)
+            structure["reason"] = info["reason"]
+        elif info["removed_channels"]:
+            structure.update(physical=True, removed_channels=info["removed_channels"])
+            removed = info["removed_indices"]
+    files: dict[str, dict[str, Any]] = {}
+    checks: dict[str, dict[str, Any]] = {}
+    figures_before, figures_after = rep.model_figures(before, example), rep.model_figures(fp32, example)
+    before_file = write_onnx(before, example, tmp / ".before.onnx")
+    _measure(before_file, batch, val if before_accuracy else [], figures_before)
+    if "onnx" in formats:
+        path = write_onnx(fp32, example, tmp / FILES["onnx"])
+        if verify:
+            with torch.no_grad():
+                reference = fp32(batch)
+            tolerance = fp32_tolerance(reference)
+            checks["onnx"] = check(_run(path, batch), reference, tolerance, path.name, FP32_MIN_AGREEMENT)
+        _measure(path, batch, val, figures_after)
+        files["onnx"] = {"path": path.name, "bytes": path.stat().st_size}
+    if plan is not None:
+        path = write_onnx(apply_int8(copy.deepcopy(fp32), plan, removed), example, tmp / FILES["onnx_int8"], int8=True)
+        if verify:
+            with torch.no_grad():
+                reference = model(batch.to(device)).cpu()
+            checks["onnx_int8"] = check(
+                _run(path, batch), reference, int8_tolerance(model), path.name, min_agreement=INT8_MIN_AGREEMENT
+            )
+        int8: dict[str, float] = {}
+        _measure(path, batch, val, int8)
+        figures_after.update({f"int8_{k}": v for k, v in int8.items()})
+        figures_before.update({f"int8_{k}": figures_before[k] for k in int8 if k in figures_before})
+        files["onnx_int8"] = {"path": path.name, "bytes": path.stat().st_size}
+    if "checkpoint" in formats:
+        path = tmp / FILES["checkpoint"]
+        torch.save(dict(checkpoint) if checkpoint is not None else {"state_dict": model.state_dict()}, path)
+        files["checkpoint"] = {"path": path.name, "bytes": path.stat().st_size}
+    report = {
+        "version": rep.REPORT_VERSION, "model": type(model).__name__, "before": figures_before,
+        "after": figures_after, "files": files, "verification": checks, "structure": structure,
+        "layers": rep.layer_rows(model),
+    }  # fmt: skip
+    rep.write(report, tmp, with_plots=plots)
+    return report
+
+
+def _measure(path: Path, batch: Tensor, val: list[tuple[Tensor, Tensor]], into: dict[str, float]) -> None:
+    into["onnx_bytes"] = float(path.stat().st_size)
+    if val:
+        into["ort_accuracy"] = ort_accuracy(path, val)
+    into["ort_latency_ms"] = ort_latency_ms(path, batch, runs=20, warmup=5)
+
+
+def _run(path: Path, batch: Tensor) -> Any:
+    session = ort_session(path)
+    return session.run(None, {session.get_inputs()[0].name: rep.to_numpy(batch)})[0]

@@ -1,0 +1,172 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core.pruning import (
+    Pattern,
+    apply_masks,
+    attach_masks,
+    compute_masks,
+    fold_masks,
+    layer_sparsity,
+    masked_modules,
+    prune,
+    select_layers,
+    set_masks,
+    sparsity,
+)
+from lightning_compress.errors import CompressionConfigError
+from tests.helpers import TinyNet
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def test_select_layers_defaults_to_every_conv_and_linear(net):
+    assert list(select_layers(net)) == ["conv1", "conv2", "fc1", "fc2"]
+    assert list(select_layers(net, include=["conv*"])) == ["conv1", "conv2"]
+    assert list(select_layers(net, exclude=["fc2"])) == ["conv1", "conv2", "fc1"]
+
+
+def test_include_that_matches_nothing_names_the_nearest_layer(net):
+    with pytest.raises(CompressionConfigError, match=r"`include` must be .* got 'fc3'. HINT: did you mean 'fc2'"):
+        select_layers(net, include=["fc3"])
+
+
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.9, 0.99])
+def test_global_unstructured_prunes_exactly_the_target(net, target):
+    prune(net, target)
+    layers = select_layers(net)
+    total = sum(m.weight.numel() for m in layers.values())
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    assert zeros == round(target * total)
+
+
+def test_global_threshold_is_shared_across_layers(net):
+    weights = {n: m.weight.detach().clone() for n, m in select_layers(net).items()}
+    masks = compute_masks(weights, 0.5)
+    kept_min = min(float(w[m].abs().min()) for w, m in zip(weights.values(), masks.values(), strict=True))
+    pruned_max = max(float(w[~m].abs().max()) for w, m in zip(weights.values(), masks.values(), strict=True))
+    assert pruned_max <= kept_min
+
+
+def test_layer_scope_prunes_every_layer_to_the_target(net):
+    prune(net, 0.5, scope="layer")
+    for value in layer_sparsity(select_layers(net)).values():
+        assert value == pytest.approx(0.5, abs=0.01)
+
+
+def test_nm_keeps_n_of_every_m_along_the_input_dimension(net):
+    prune(net, 0.5, pattern="2:4", include=["conv2", "fc1", "fc2"])
+    conv = net.conv2.weight  # (out, in, kh, kw): groups along `in`
+    groups = conv.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert ((groups != 0).sum(1) <= 2).all() and (groups != 0).sum() == groups.numel() // 2
+    linear = net.fc1.weight.reshape(-1, 4)
+    assert ((linear != 0).sum(1) == 2).all()
+
+
+def test_nm_target_below_its_ratio_prunes_fewer_per_group():
+    weights = {"w": torch.randn(8, 16)}
+    mask = compute_masks(weights, 0.25, "2:4")["w"].reshape(-1, 4)
+    assert (mask.sum(1) == 3).all()
+
+
+def test_nm_on_an_incompatible_layer_names_it(net):
+    with pytest.raises(CompressionConfigError, match=r"module 'conv1' cannot take pattern '2:4'.*exclude=\['conv1'\]"):
+        prune(net, 0.5, pattern="2:4")
+
+
+def test_channel_pattern_removes_whole_output_channels_by_norm(net):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        net.conv2.weight[3].mul_(0.01)  # the weakest filter goes first
+    prune(net, 0.25, pattern="channel", scope="layer", include=["conv2"])
+    zero_channels = (net.conv2.weight.flatten(1) == 0).all(1)
+    assert int(zero_channels.sum()) == 2 and bool(zero_channels[3])
+    assert (net.conv2.bias[zero_channels] == 0).all()
+    assert net.conv2.weight_mask.shape == net.conv2.weight.shape
+
+
+def test_global_channel_pruning_never_empties_a_layer():
+    weights = {"big": torch.ones(4, 3), "small": torch.full((4, 3), 1e-3)}
+    masks = compute_masks(weights, 0.5, "channel", scope="global", norm="l2")
+    assert int(masks["small"].sum()) == 1 and bool(masks["big"].all())
+
+
+def test_masks_are_buffers_in_the_state_dict(net):
+    prune(net, 0.5)
+    keys = net.state_dict().keys()
+    assert {"conv1.weight_mask", "fc2.weight_mask"} <= set(keys)
+    assert net.conv1.weight_mask.dtype == torch.bool
+    assert not list(net.conv1._forward_pre_hooks.values()) and not list(net.conv1._forward_hooks.values())
+
+
+def test_apply_masks_zeros_weights_again_after_an_update(net):
+    prune(net, 0.7)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    apply_masks(masked_modules(net).values())
+    assert sparsity(select_layers(net)) == pytest.approx(0.7, abs=1e-3)
+
+
+def test_state_dict_without_masks_loads_as_nothing_pruned(net):
+    dense_state = TinyNet().state_dict()
+    attach_masks(select_layers(net))
+    net.load_state_dict(dense_state)
+    assert all(bool(m.weight_mask.all()) for m in masked_modules(net).values())
+
+
+def test_fold_gives_a_plain_state_dict_of_the_original_class(net):
+    prune(net, 0.8)
+    fold_masks(net)
+    assert masked_modules(net) == {}
+    fresh = TinyNet()
+    fresh.load_state_dict(net.state_dict())  # strict: no leftover mask keys
+    assert sparsity(select_layers(fresh)) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_set_masks_then_compute_again_is_monotonic(net):
+    layers = select_layers(net)
+    attach_masks(layers)
+    previous = None
+    for target in (0.2, 0.5, 0.8):
+        masks = compute_masks({n: m.weight for n, m in layers.items()}, target)
+        set_masks(layers, masks)
+        apply_masks(layers.values())
+        if previous is not None:
+            for name in masks:
+                assert not (masks[name] & ~previous[name]).any()  # nothing pruned comes back
+        previous = masks
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("unstructured", Pattern("unstructured")), ("channel", Pattern("channel")), ("2:4", Pattern("n:m", 2, 4))],
+)
+def test_pattern_parse(text, expected):
+    assert Pattern.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["4:2", "0:4", "2-4", "structured", "a:b"])
+def test_pattern_parse_refuses(text):
+    with pytest.raises(CompressionConfigError, match="`pattern` must be 'unstructured', 'channel' or 'N:M'"):
+        Pattern.parse(text)
+
+
+def test_compute_masks_argument_errors():
+    w = {"w": torch.randn(4, 4)}
+    with pytest.raises(CompressionConfigError, match=r"`target` must be in \[0, 1\), got 1.0"):
+        compute_masks(w, 1.0)
+    with pytest.raises(CompressionConfigError, match="`scope` must be one of 'global', 'layer', got 'glob'"):
+        compute_masks(w, 0.5, scope="glob")
+    with pytest.raises(CompressionConfigError, match="`norm` must be one of 'l1', 'l2', got 'l3'"):
+        compute_masks(w, 0.5, "channel", norm="l3")
+
+
+def test_prune_with_nothing_selected():
+    with pytest.raises(CompressionConfigError, match="no Conv/Linear layer selected"):
+        prune(nn.Sequential(nn.ReLU()), 0.5)

@@ -1,0 +1,170 @@
+import lightning.pytorch as pl
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from lightning_compress import ClassificationModule, QuantizationAwareTraining
+from lightning_compress.core import quantization as q
+from lightning_compress.core.graph import find_bn_pairs
+from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.core.pruning import prune
+from lightning_compress.deploy.onnx import export_onnx
+from lightning_compress.errors import CompressionConfigError
+from lightning_compress.vision.data import get_datamodule
+from lightning_compress.vision.models import build_model
+
+FLOAT_COMPUTE = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm", "FusedMatMul"}
+
+
+@pytest.fixture(scope="module")
+def batches():
+    dm = get_datamodule("mnist5k", batch_size=64)
+    dm.setup("fit")
+    loader = iter(dm.val_dataloader())
+    return [next(loader)[0] for _ in range(4)]
+
+
+def calibrated(name, batches, sparsity=0.0, config=None):
+    """``name`` with QAT attached, BatchNorms folded, observers and BN statistics fed real batches."""
+    torch.manual_seed(0)
+    model = build_model(name)
+    if sparsity:
+        prune(model, sparsity)
+    layers = q.attach(model, config or q.QuantConfig())
+    q.link_batchnorms(model, find_bn_pairs(model, layers, batches[0][:2]))
+    q.enable(model)
+    model.train()
+    with torch.no_grad():
+        for x in batches[:3]:
+            model(x)
+    return model.eval()
+
+
+def session(path, optimized=None):
+    options = ort.SessionOptions()
+    if optimized:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_fp32_export_matches_torch_at_any_batch_size(tmp_path, batches):
+    torch.manual_seed(0)
+    model = build_model("cnn_tiny").eval()
+    export_onnx(model, batches[0][:1], tmp_path / "m.onnx")
+    run = session(tmp_path / "m.onnx")
+    for x in (batches[3], batches[3][:1]):
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.allclose(run.run(None, {"input": x.numpy()})[0], expected, atol=1e-4)
+
+
+def test_fp32_export_of_a_qat_model_drops_fake_quant(tmp_path, batches):
+    model = calibrated("cnn_tiny", batches)
+    export_onnx(model, batches[0][:1], tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert "QuantizeLinear" not in ops and "Conv" in ops
+    assert q.quantized_layers(model)  # the model itself is untouched
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """cnn_small trained for 40 steps with QAT on mnist5k (observers and BatchNorms settled)."""
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule("cnn_small")
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=40, limit_val_batches=0, callbacks=[QuantizationAwareTraining()],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=get_datamodule("mnist5k"))
+    return module.model.eval()
+
+
+def test_int8_runs_integer_kernels_and_agrees_within_one_step(tmp_path, batches, trained):
+    model = trained
+    export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
+    run = session(tmp_path / "m.int8.onnx", optimized=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 2
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1  # one Q in, one DQ out
+    assert not FLOAT_COMPUTE & set(ops), ops
+    step = model.classifier[3].output_quant.qparams()[0]
+    x = batches[3]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = run.run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - expected).max() <= step * 1.001
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95  # ties within one step may flip
+
+
+def test_int8_file_is_a_quarter_of_fp32(tmp_path, batches):
+    model = calibrated("cnn_small", batches)
+    int8 = export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
+    fp32 = export_onnx(model, batches[0][:1], tmp_path / "m.onnx")
+    assert int8.stat().st_size <= 0.27 * fp32.stat().st_size
+
+
+def test_four_bit_weights_export_on_their_grid(tmp_path, batches):
+    model = calibrated("cnn_tiny", batches, config=q.QuantConfig(weight_bits=4))
+    export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
+    ints = [numpy_helper.to_array(i) for i in onnx.load(tmp_path / "m.int8.onnx").graph.initializer]
+    weights = [a for a in ints if a.dtype == np.int8 and a.ndim > 1]
+    assert len(weights) == 5 and all(np.abs(a).max() <= 7 for a in weights)
+    got = session(tmp_path / "m.int8.onnx").run(None, {"input": batches[3].numpy()})[0]
+    with torch.no_grad():
+        assert (got.argmax(1) == model(batches[3]).numpy().argmax(1)).mean() > 0.95
+
+
+def test_pruned_weights_are_zero_in_the_int8_file(tmp_path, batches):
+    model = calibrated("cnn_small", batches, sparsity=0.8)
+    stored = {tuple(weight_of(m).shape): (weight_of(m) == 0).numpy() for m in select_layers(model).values()}
+    export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
+    inits = [numpy_helper.to_array(i) for i in onnx.load(tmp_path / "m.int8.onnx").graph.initializer]
+    int8 = {a.shape: a for a in inits if a.dtype == np.int8 and a.ndim > 1}
+    assert int8.keys() == stored.keys()
+    pruned = sum(int(mask.sum()) for mask in stored.values())
+    assert pruned >= 0.8 * sum(mask.size for mask in stored.values()) - 5
+    for shape, mask in stored.items():
+        assert (int8[shape][mask] == 0).all(), shape  # every pruned weight is an int8 zero
+
+
+def test_int8_needs_qat_state(tmp_path, batches):
+    with pytest.raises(CompressionConfigError, match=r"int8 export needs QAT state.*HINT: train with"):
+        export_onnx(build_model("cnn_tiny"), batches[0][:1], tmp_path / "m.onnx", int8=True)
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path, batches):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CompressionConfigError, match="cannot write the ONNX file"):
+        export_onnx(build_model("cnn_tiny"), batches[0][:1], tmp_path / "file" / "m.onnx")
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, batches, monkeypatch):
+    def broken_save(proto, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(build_model("cnn_tiny"), batches[0][:1], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pruned_channel_keeps_its_bias_in_int8(tmp_path, batches, trained):
+    import copy
+
+    model = copy.deepcopy(trained)
+    linear = model.classifier[3]
+    with torch.no_grad():  # output 0: every weight pruned, a bias that matters
+        linear.parametrizations.weight.original[0] = 0.0
+        linear.bias[0] = 3.0
+    export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
+    x = batches[3]
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    got = session(tmp_path / "m.int8.onnx").run(None, {"input": x.numpy()})[0]
+    step = linear.output_quant.qparams()[0]
+    assert np.abs(got[:, 0] - expected[:, 0]).max() <= step * 1.001  # not clipped to ±2**31 steps of ~0
