@@ -166,7 +166,10 @@ def test_the_full_combination_on_resnet18(tmp_path):
     assert report["structure"]["physical"] and report["after"]["params"] < 0.5 * report["before"]["params"]
     # the int8 file is physically smaller too: about a quarter of the (already smaller) fp32 file
     assert report["files"]["onnx_int8"]["bytes"] < 0.4 * report["files"]["onnx"]["bytes"]
-    assert isinstance(student.model.layer4[1].conv2, LowRank) and isinstance(student.model.fc, LowRank)
+    assert isinstance(student.model.layer4[1].conv2, LowRank)
+    # the 4-class head is named, but at the rank floor (4) its factors would not save parameters (#14:
+    # this run used to factorise it to rank 1)
+    assert not isinstance(student.model.fc, LowRank)
 
 
 class KeywordModule(pl.LightningModule):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class CompressionExport(CompressionCallback):
         physical: remove zero channels physically.
         plots: write PNG plots (needs matplotlib).
         val_batches: at most this many validation batches for the ORT accuracy (None: all).
+        logits_fn: ``output -> logits`` for a ``forward`` that returns more than the logits; default a
+            tensor, a ``logits`` key or attribute, or a tuple's first element (as distillation finds them).
 
     Raises:
         CompressionConfigError: an unknown format, ``onnx_int8`` without quantisation-aware
@@ -76,6 +78,7 @@ class CompressionExport(CompressionCallback):
         physical: bool = True,
         plots: bool = True,
         val_batches: int | None = None,
+        logits_fn: Callable[[Any], Tensor] | None = None,
     ) -> None:
         if not isinstance(dirpath, (str, os.PathLike)):
             raise config_error("dirpath", "a folder path", dirpath)
@@ -87,6 +90,9 @@ class CompressionExport(CompressionCallback):
             raise config_error("example_input", "a tensor batch or None", example_input)
         if val_batches is not None and (not isinstance(val_batches, int) or val_batches < 1):
             raise config_error("val_batches", "a positive number of batches or None", val_batches)
+        if logits_fn is not None and not callable(logits_fn):
+            raise config_error("logits_fn", "a callable or None", logits_fn)
+        self.logits_fn = logits_fn
         self.dirpath = Path(dirpath)
         self.example_input = example_input
         self.verify, self.physical, self.plots, self.val_batches = verify, physical, plots, val_batches
@@ -132,7 +138,7 @@ class CompressionExport(CompressionCallback):
         try:
             report = write_bundle(
                 pl_module, self._before, self.dirpath, example, val, self._formats, checkpoint,
-                verify=self.verify, physical=self.physical, plots=self.plots,
+                verify=self.verify, physical=self.physical, plots=self.plots, logits_fn=self.logits_fn,
             )  # fmt: skip
         finally:
             self._before = None

@@ -13,11 +13,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback, check_names, check_strategy
+from lightning_compress.callbacks.base import CompressionCallback, batch_input, check_names, check_strategy
 from lightning_compress.callbacks.replace import notify, replace_modules
 from lightning_compress.core import low_rank as core
 from lightning_compress.core.layers import select_layers
@@ -89,6 +89,7 @@ class LowRankFactorization(CompressionCallback):
         self.skipped: dict[str, str] = {}
         self._trainer: weakref.ReferenceType[pl.Trainer] | None = None  # weak: the hook lives on the model
         self._hook: RemovableHandle | None = None
+        self._example: Tensor | None = None  # two inputs of the first batch: which layers forward calls
 
     @property
     @override
@@ -136,9 +137,12 @@ class LowRankFactorization(CompressionCallback):
             self.factorized = {name: core.describe(m).to_dict() for name, m in pl_module.named_modules()
                                if isinstance(m, core.LowRank)}  # fmt: skip
             return
+        example = self._example if self._example is not None else pl_module.example_input_array
         chosen, self.skipped = core.plan(
-            pl_module, self.rank, self.ratio, self.energy, self.conv_method, self.include, self.exclude
+            pl_module, self.rank, self.ratio, self.energy, self.conv_method, self.include, self.exclude,
+            example=example if isinstance(example, Tensor) else None,
         )
+        self._example = None
         replace_modules(trainer, pl_module, {name: new for name, (new, _) in chosen.items()})
         self.factorized = {name: result.to_dict() for name, (_, result) in chosen.items()}
         before = sum(f["params_before"] for f in self.factorized.values())
@@ -150,6 +154,13 @@ class LowRankFactorization(CompressionCallback):
         )
         for name, reason in self.skipped.items():
             rank_zero_info(f"LowRankFactorization leaves {name!r} alone: {reason}")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._example is None and not self.factorized:
+            self._example = batch_input(batch)[:2].detach()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -171,7 +182,7 @@ class LowRankFactorization(CompressionCallback):
         super().teardown(trainer, pl_module, stage)
         if self._hook is not None:
             self._hook.remove()
-        self._hook, self._trainer = None, None
+        self._hook, self._trainer, self._example = None, None, None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

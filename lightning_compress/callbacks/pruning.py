@@ -27,8 +27,8 @@ from lightning_compress.callbacks.base import (
     is_number,
 )
 from lightning_compress.core import pruning as core
-from lightning_compress.core.graph import coupled_layers, find_bn_pairs
-from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.core.graph import coupled_layers, entangled_layers, find_bn_pairs
+from lightning_compress.core.layers import attention_internals, select_layers, unsupported_layers, weight_of
 from lightning_compress.core.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
@@ -139,6 +139,7 @@ class MagnitudePruning(CompressionCallback):
         self._bns: dict[str, nn.Module] = {}  # channel pattern: BatchNorms masked with their conv's channels
         self._bn_pairs: dict[str, str] | None = None
         self._couplings: list[list[str]] = []  # channel pattern: layers feeding one residual add share a mask
+        self._entangled: set[str] = set()  # channel pattern: layers whose channels a LayerNorm / attention mixes
         self._handles: list[RemovableHandle] = []
         self._stage = "fit"
 
@@ -176,6 +177,9 @@ class MagnitudePruning(CompressionCallback):
             self.last_update_step, self.current_target = -1, 0.0
         self._stage = stage
         self._modules = self._select(pl_module)
+        unsupported = unsupported_layers(pl_module)
+        if unsupported and stage == "fit":
+            rank_zero_warn(f"MagnitudePruning leaves {unsupported} unpruned: transposed convolutions are not supported")
         # Outside fit, masks are attached only so that a pruned checkpoint can load; teardown
         # removes the ones added here, so validate/test leave the model's structure as it was.
         self._bns = _batchnorms(pl_module) if self.pattern.kind == "channel" else {}
@@ -205,8 +209,17 @@ class MagnitudePruning(CompressionCallback):
 
     def _select(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         modules = select_layers(pl_module, self.include, self.exclude)
+        seen: set[int] = set()
+        for name, module in list(modules.items()):  # a shared weight is pruned (and counted) once
+            if id(weight_of(module)) in seen:
+                del modules[name]
+            seen.add(id(weight_of(module)))
         if self.pattern.kind == "channel" and self.include is None and modules:
             modules.pop(next(reversed(modules)))  # the classifier's outputs are the classes
+        if self.pattern.kind == "channel":
+            for name, why in attention_internals(pl_module).items():
+                if modules.pop(name, None) is not None:
+                    rank_zero_info(f"MagnitudePruning leaves {name!r} out of channel pruning: {why}")
         if self.pattern.kind == "n:m":
             for name, module in list(modules.items()):
                 reason = core.nm_incompatibility(module, self.pattern)
@@ -269,6 +282,10 @@ class MagnitudePruning(CompressionCallback):
         if self.pattern.kind == "channel" and self._bn_pairs is None:  # once a real batch is at hand
             example = batch_input(batch)[:2]
             self._bn_pairs = find_bn_pairs(pl_module, self._modules, example) if self._bns else {}
+            entangled = entangled_layers(pl_module, example)
+            for name in sorted(set(entangled) & set(self._modules) - self._entangled):
+                rank_zero_info(f"MagnitudePruning leaves {name!r} out of channel pruning: {entangled[name]}")
+            self._entangled = set(entangled) & set(self._modules)
             self._couplings = coupled_layers(pl_module, self._modules, example)
         step = trainer.global_step
         if self.schedule is None or step == self.last_update_step or not self.schedule.is_update_step(step):
@@ -279,13 +296,13 @@ class MagnitudePruning(CompressionCallback):
 
     def update_masks(self, target: float) -> None:
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
-        weights = {name: weight_of(m) for name, m in self._modules.items()}
+        weights = {name: weight_of(m) for name, m in self._modules.items() if name not in self._entangled}
         masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings)
         if distributed():
             masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
         core.set_masks(self._modules, masks)
         for layer, bn in (self._bn_pairs or {}).items():
-            if bn in self._bns and masks[layer].dim() == 1:
+            if bn in self._bns and layer in masks and masks[layer].dim() == 1:
                 for buffer in (core.WEIGHT_MASK, core.BIAS_MASK):
                     getattr(self._bns[bn], buffer).copy_(masks[layer])
         core.apply_masks(self._pairs if self._pairs[0] else self._mask_pairs())
@@ -324,7 +341,7 @@ class MagnitudePruning(CompressionCallback):
         self._added = []
         self._modules = {}
         self._pairs = ([], [])
-        self._bns, self._bn_pairs, self._couplings = {}, None, []
+        self._bns, self._bn_pairs, self._couplings, self._entangled = {}, None, [], set()
         self.schedule = None
 
     @override

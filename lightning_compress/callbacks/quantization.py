@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -23,6 +23,7 @@ from lightning_compress.callbacks.base import (
 )
 from lightning_compress.core import quantization as core
 from lightning_compress.core.graph import find_bn_pairs
+from lightning_compress.core.layers import attention_internals, unsupported_layers
 from lightning_compress.deploy.restore import QUANTIZATION_KIND
 from lightning_compress.errors import config_error
 
@@ -114,6 +115,11 @@ class QuantizationAwareTraining(CompressionCallback):
         core.attach(pl_module, self.config, self.include, self.exclude)
         self._linked = False
         self._folded_bns = []
+        if stage == "fit":
+            floats = {name: reason for name, reason in attention_internals(pl_module).items()}
+            floats.update({name: "transposed convolutions are not supported" for name in unsupported_layers(pl_module)})
+            for name, reason in floats.items():
+                rank_zero_warn(f"QuantizationAwareTraining leaves {name!r} in float: {reason}")
 
     @override
     def on_modules_replaced(
@@ -136,6 +142,8 @@ class QuantizationAwareTraining(CompressionCallback):
             self.bn_pairs = find_bn_pairs(pl_module, layers, example)
             core.link_batchnorms(pl_module, self.bn_pairs)
         self._folded_bns = core.folded_batchnorms(pl_module)
+        for name in core.leave_uncalled_in_float(pl_module, example):
+            rank_zero_warn(f"QuantizationAwareTraining leaves {name!r} in float: its weight is read, never called")
         shared = core.share_ranges(pl_module, example)
         rank_zero_info(
             f"QuantizationAwareTraining: {len(layers)} layers, {len(self._folded_bns)} BatchNorms folded, "

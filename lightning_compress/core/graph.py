@@ -24,9 +24,12 @@ Example::
 
 from __future__ import annotations
 
+import signal
+import threading
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,12 +54,16 @@ class ModelGraph:
         bn_pairs: ``{layer: BatchNorm}`` for every Conv/Linear whose output a BatchNorm consumes unchanged.
         reaches: ``{module: next module}``: the first module that is not range-preserving reached
             from a module's output along a single path through range-preserving modules.
+        called: the leaf modules the forward pass called (a layer whose weight is read without calling
+            the layer, as torchvision's Swin attention does, is not among them).
     """
 
     signature: tuple[tuple[str, str], ...]
     bn_pairs: dict[str, str] = field(default_factory=dict)
     reaches: dict[str, str] = field(default_factory=dict)
+    called: set[str] = field(default_factory=set)
     _couplings: list[list[str]] | None = None
+    _entangled: dict[str, str] = field(default_factory=dict)
 
     def couplings(self, model: nn.Module, example: Any, layers: Mapping[str, nn.Module]) -> list[list[str]]:
         """Groups of ``layers`` whose output channels are one set (Torch-Pruning's dependency graph).
@@ -64,10 +71,21 @@ class ModelGraph:
         Traced once per structure (the first call); a model Torch-Pruning cannot trace has no groups
         (each layer is then pruned on its own).
         """
-        if self._couplings is None:
-            self._couplings = _trace_couplings(model, example)
-        groups = [[n for n in group if n in layers] for group in self._couplings]
+        self._trace(model, example)
+        groups = [[n for n in group if n in layers] for group in self._couplings or []]
         return [g for g in groups if len(g) > 1]
+
+    def entangled(self, model: nn.Module, example: Any) -> dict[str, str]:
+        """``{layer: why}`` of the layers whose output channels cannot be pruned one by one: their channels
+        reach a LayerNorm / GroupNorm (which normalises them together, so a zero channel still changes the
+        others) or an ``nn.MultiheadAttention`` (the residual stream of a transformer). Traced with
+        :meth:`couplings`."""
+        self._trace(model, example)
+        return dict(self._entangled)
+
+    def _trace(self, model: nn.Module, example: Any) -> None:
+        if self._couplings is None:
+            self._couplings, self._entangled = _trace_couplings(model, example)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ModelGraph] = weakref.WeakKeyDictionary()
@@ -110,6 +128,11 @@ def find_bn_pairs(model: nn.Module, layers: Mapping[str, nn.Module], example: An
 def coupled_layers(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) -> list[list[str]]:
     """Groups of ``layers`` whose output channels are one set (see :meth:`ModelGraph.couplings`)."""
     return analyze(model, example).couplings(model, example, layers)
+
+
+def entangled_layers(model: nn.Module, example: Any) -> dict[str, str]:
+    """``{layer: why}`` of the layers whose channels cannot be pruned one by one (see :meth:`ModelGraph.entangled`)."""
+    return analyze(model, example).entangled(model, example)
 
 
 @dataclass
@@ -176,6 +199,7 @@ def _build(model: nn.Module, example: Any, structure: tuple[tuple[str, str], ...
     consumers, last, _keep = _module_calls(model, example)
     modules = dict(model.named_modules())
     graph = ModelGraph(structure)
+    graph.called = set(last)
     for name, produced in last.items():
         if produced.result is None:
             continue
@@ -217,9 +241,41 @@ def prune_out_fn(layer: nn.Module) -> Any:
     return tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
 
 
+TRACE_SECONDS = 30.0  # a dependency trace (and the channel groups read off it) that takes longer is abandoned
+
+
+@contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise ``TimeoutError`` in the ``with`` block after ``seconds`` (a SIGALRM timer; where there is
+    none, in a thread other than the main one or on Windows, the block runs unbounded)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{what} took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+UNBOUNDED_OPS = ("_SliceOp",)  # Torch-Pruning nodes whose index mapping has no bound (Swin: > 8 GB, killed)
+
+
 def dependency_graph(model: nn.Module, example: Any) -> Any:
     """Torch-Pruning's dependency graph of ``model`` (traced through autograd, in eval mode so that
-    BatchNorm statistics do not move); raises whatever the trace raises."""
+    BatchNorm statistics do not move); raises whatever the trace raises.
+
+    Raises:
+        RuntimeError: the graph holds strided slicing (e.g. Swin's patch merging), through which
+            Torch-Pruning's channel groups grow without bound: callers keep per-layer masks instead.
+    """
     import torch_pruning as tp
 
     was_training = model.training
@@ -227,19 +283,34 @@ def dependency_graph(model: nn.Module, example: Any) -> Any:
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             model.eval()
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     finally:
         model.train(was_training)
+    unbounded = sorted({type(node.module).__name__ for node in graph.module2node.values()} & set(UNBOUNDED_OPS))
+    if unbounded:
+        raise RuntimeError(
+            f"the model slices tensors ({', '.join(unbounded)}): Torch-Pruning's channel groups through strided "
+            "slices have no bound, so channel couplings are not traced"
+        )
+    return graph
 
 
-def _trace_couplings(model: nn.Module, example: Any) -> list[list[str]]:
+ENTANGLING_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
+
+
+def _trace_couplings(model: nn.Module, example: Any) -> tuple[list[list[str]], dict[str, str]]:
     try:
-        graph = dependency_graph(model, example)
-    except Exception:  # untraceable: no coupling known
-        return []
+        with time_limit(TRACE_SECONDS, "Torch-Pruning's coupling trace"):
+            return _couplings_of(model, dependency_graph(model, example))
+    except Exception:  # untraceable, unbounded or too slow: no coupling known (each layer is pruned alone)
+        return [], {}
+
+
+def _couplings_of(model: nn.Module, graph: Any) -> tuple[list[list[str]], dict[str, str]]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
     names = {id(m): n for n, m in layers.items()}
     parent = {n: n for n in layers}
+    entangled: dict[str, str] = {}
 
     def root(name: str) -> str:
         while parent[name] != name:
@@ -253,10 +324,13 @@ def _trace_couplings(model: nn.Module, example: Any) -> list[list[str]]:
             continue
         group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=[0])
         for dep, _ in group:
-            other = names.get(id(dep.target.module))
+            target = dep.target.module
+            other = names.get(id(target))
             if other is not None and other != name and getattr(dep.handler, "__name__", "") == "prune_out_channels":
                 parent[root(other)] = root(name)
+            if isinstance(target, ENTANGLING_TYPES):
+                entangled[name] = f"its channels reach a {type(target).__name__}, which mixes them"
     groups: dict[str, list[str]] = {}
     for name in layers:
         groups.setdefault(root(name), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+    return [g for g in groups.values() if len(g) > 1], entangled

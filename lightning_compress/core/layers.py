@@ -46,6 +46,48 @@ def weight_of(module: nn.Module) -> Tensor:
     return cast(Tensor, module.weight)
 
 
+UNSUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+ATTENTION_READS_WEIGHT = "nn.MultiheadAttention reads its weight directly instead of calling it"
+
+
+def attention_internals(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the Conv/Linear layers inside an ``nn.MultiheadAttention`` (its ``out_proj``).
+
+    Attention reads their ``weight`` directly (``F.multi_head_attention_forward``), so a technique that
+    hooks the layer's call (fake quantisation) or replaces the module (low-rank) cannot reach them;
+    masks on the weight (unstructured, N:M pruning) still work.
+    """
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child, layer in module.named_modules():
+                if child and isinstance(layer, LAYER_TYPES):
+                    found[f"{name}.{child}" if name else child] = ATTENTION_READS_WEIGHT
+    return found
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Names of the layers no technique handles yet (transposed convolutions): reported, left as they are."""
+    return [name for name, module in model.named_modules() if isinstance(module, UNSUPPORTED_TYPES)]
+
+
+def shared_weights(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the Conv/Linear layers whose weight is shared: a module registered under several
+    names, or a weight tied to another module's (a technique that changes one would untie them)."""
+    names_of: dict[int, list[str]] = {}
+    layers: set[str] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = weight_of(module) if isinstance(module, LAYER_TYPES) else getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            names_of.setdefault(id(weight), []).append(name)
+            if isinstance(module, LAYER_TYPES):
+                layers.add(name)
+    return {
+        name: f"its weight is shared with {[other for other in names if other != name]}"
+        for names in names_of.values() if len(names) > 1 for name in names if name in layers
+    }  # fmt: skip
+
+
 def matches(name: str, patterns: Iterable[str]) -> bool:
     """Whether ``name`` matches any of the ``fnmatch`` patterns."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)

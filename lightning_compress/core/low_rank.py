@@ -31,11 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.core.graph import analyze
+from lightning_compress.core.layers import LAYER_TYPES, attention_internals, select_layers, shared_weights, weight_of
 from lightning_compress.core.surgery import swap_modules
 from lightning_compress.errors import CompressionConfigError, config_error, one_of
 
 CONV_METHODS = ("svd", "tucker2")
+RANK_FLOOR = 4  # the ratio and energy rules never choose a lower rank (capped at the layer's own rank)
+MIN_FAN_IN = 32  # by default, layers with a smaller fan-in (in_features or in_channels * kh * kw) are left alone
 
 
 class LowRank(nn.Sequential):
@@ -77,11 +80,12 @@ def singular_values(layer: nn.Module) -> Tensor:
 
 def rank_for(
     layer: Any, rank: int | None = None, ratio: float | None = None, energy: float | None = None,
-    method: str = "svd",
+    method: str = "svd", floor: int = RANK_FLOOR,
 ) -> tuple[int, ...]:  # fmt: skip
     """The rank(s) for ``layer``: fixed, by parameter ``ratio`` (largest rank whose factorisation has at
     most ``ratio`` of the layer's parameters), or by singular-value ``energy`` (smallest rank keeping
-    that fraction of the sum of squared singular values).
+    that fraction of the sum of squared singular values). The ``ratio`` and ``energy`` rules never go
+    below ``floor`` (capped at the layer's own rank): a rank-1 layer wrecks a model.
 
     Returns ``(r,)`` for SVD and ``(r_out, r_in)`` for Tucker-2 (the same rule on both unfoldings;
     ``ratio`` scales both ranks by the same factor).
@@ -91,17 +95,18 @@ def rank_for(
     """
     out_features, fan_in = layer.weight.shape[0], layer.weight[0].numel()
     if method == "tucker2":
-        return _tucker_ranks(layer, rank, ratio, energy)
+        return _tucker_ranks(layer, rank, ratio, energy, floor)
     full = min(out_features, fan_in)
     if rank is not None:
         if rank >= full and full > 1:
             raise config_error("rank", f"< {full} for {type(layer).__name__} {tuple(layer.weight.shape)}", rank)
         return (max(1, min(rank, full)),)
+    floor = min(floor, full)
     if ratio is not None:
         budget = ratio * out_features * fan_in
-        return (max(1, min(full, int(budget // (out_features + fan_in)))),)
+        return (max(floor, min(full, int(budget // (out_features + fan_in)))),)
     assert energy is not None
-    return (_energy_rank(singular_values(layer), energy),)
+    return (max(floor, _energy_rank(singular_values(layer), energy)),)
 
 
 def _energy_rank(values: Tensor, energy: float) -> int:
@@ -113,13 +118,16 @@ def _unfold(weight: Tensor, mode: int) -> Tensor:
     return weight.movedim(mode, 0).reshape(weight.shape[mode], -1)
 
 
-def _tucker_ranks(layer: Any, rank: int | None, ratio: float | None, energy: float | None) -> tuple[int, int]:
+def _tucker_ranks(
+    layer: Any, rank: int | None, ratio: float | None, energy: float | None, floor: int
+) -> tuple[int, int]:
     weight = _weight(layer)
     out_c, in_c, kh, kw = weight.shape
     if rank is not None:
         if rank >= min(out_c, in_c) and min(out_c, in_c) > 1:
             raise config_error("rank", f"< {min(out_c, in_c)} for Conv2d {tuple(weight.shape)} (Tucker-2)", rank)
         return (max(1, min(rank, out_c)), max(1, min(rank, in_c)))
+    floors = (min(floor, out_c), min(floor, in_c))
     if ratio is not None:
         budget, best = ratio * weight.numel(), (1, 1)
         for scale in torch.linspace(1.0, 0.0, 101).tolist():
@@ -127,10 +135,10 @@ def _tucker_ranks(layer: Any, rank: int | None, ratio: float | None, energy: flo
             if in_c * r_in + r_in * r_out * kh * kw + r_out * out_c <= budget:
                 best = (r_out, r_in)
                 break
-        return best
+        return (max(floors[0], best[0]), max(floors[1], best[1]))
     assert energy is not None
     values = [torch.linalg.svdvals(_unfold(weight, mode)) for mode in (0, 1)]
-    return (_energy_rank(values[0], energy), _energy_rank(values[1], energy))
+    return (max(floors[0], _energy_rank(values[0], energy)), max(floors[1], _energy_rank(values[1], energy)))
 
 
 def factorize_linear(layer: nn.Linear, rank: int) -> LowRank:
@@ -210,6 +218,8 @@ def skip_reason(layer: Any) -> str | None:
     """Why ``layer`` is not factorised (``None`` when it can be)."""
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return "grouped or depthwise convolution"
+    if not weight_of(layer).requires_grad:
+        return "frozen (requires_grad=False): a factorised copy could not train back"
     if smallest_dimension(layer) < 2:
         return "a dimension of size 1"
     return None
@@ -269,8 +279,12 @@ def plan(
     conv_method: str = "svd",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    example: Any = None,
 ) -> tuple[dict[str, tuple[LowRank, Factorization]], dict[str, str]]:
     """Factorise every selected layer of ``model`` that can be and that saves parameters.
+
+    With an ``example`` input, layers the forward pass never calls (their weight is read directly, as
+    torchvision's Swin attention does) are left alone too: a factorised module has no ``weight``.
 
     The model is not changed: swap the returned modules in (:func:`lightning_compress.core.surgery.swap_modules`,
     or :func:`lightning_compress.callbacks.replace.replace_modules` during a fit).
@@ -292,8 +306,16 @@ def plan(
     chosen: dict[str, tuple[LowRank, Factorization]] = {}
     skipped: dict[str, str] = {}
     too_high: list[str] = []
+    guards = {**attention_internals(model), **shared_weights(model)}
+    if example is not None:
+        called = analyze(model, example).called
+        guards.update({n: "its weight is read without calling it" for n in layers if n not in called})
+    if include is None:
+        guards = {**default_skips(model), **guards}
+    tried = 0
     for name, layer in layers.items():
-        reason = skip_reason(layer)
+        reason = guards.get(name) or skip_reason(layer)
+        tried += reason is None
         if reason is None:
             try:
                 new, result = factorize(layer, rank, ratio, energy, conv_method)
@@ -306,9 +328,24 @@ def plan(
                 continue
             reason = f"no saving at rank {result.ranks} ({result.params_after} >= {result.params_before} parameters)"
         skipped[name] = reason
-    if not chosen and too_high and len(too_high) == len(skipped):
+    if not chosen and too_high and len(too_high) == tried:
         raise CompressionConfigError(f"{too_high[0]} (and every other selected layer)")
     return chosen, skipped
+
+
+def default_skips(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the layers the default selection (no ``include``) leaves alone: the classifier
+    (the model's last Conv/Linear: its outputs are the classes) and layers of fan-in below
+    :data:`MIN_FAN_IN` (first convolutions: little to save, most sensitive). Naming them in ``include``
+    factorises them."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    skips = {
+        name: f"fan-in {weight_of(layer)[0].numel()} < {MIN_FAN_IN}: little to save; name it in `include`"
+        for name, layer in layers if weight_of(layer)[0].numel() < MIN_FAN_IN
+    }  # fmt: skip
+    if layers:
+        skips[layers[-1][0]] = "the classifier (the last layer): its outputs are the classes; name it in `include`"
+    return skips
 
 
 def _low_rank_names(model: nn.Module) -> list[str]:

@@ -28,6 +28,7 @@ from lightning_compress.errors import CompressionConfigError, config_error, did_
 
 SCOPES = ("global", "layer")
 NORMS = ("l1", "l2")
+MIN_KEPT_SHARE = 0.5  # global channel pruning: every layer keeps at least this share of 1 - target of its channels
 WEIGHT_MASK = "weight_mask"
 BIAS_MASK = "bias_mask"
 
@@ -111,13 +112,9 @@ def _keep_top(scores: Tensor, keep: int) -> Tensor:
     return mask
 
 
-def _channel_scores(weight: Tensor, norm: str, normalise: bool) -> Tensor:
+def _channel_scores(weight: Tensor, norm: str) -> Tensor:
     flat = weight.detach().reshape(weight.shape[0], -1).float()
-    p = 1 if norm == "l1" else 2
-    scores = flat.norm(p=p, dim=1)
-    if normalise:  # comparable across layers of different fan-in: the mean (L1) or RMS (L2) magnitude
-        scores = scores / flat.shape[1] ** (1.0 / p)
-    return scores
+    return flat.norm(p=1 if norm == "l1" else 2, dim=1)
 
 
 def compute_masks(
@@ -136,8 +133,10 @@ def compute_masks(
         pattern: ``unstructured``, ``channel`` (whole output channels, ranked by ``norm``) or ``N:M``
             (in every group of M consecutive weights along the input dimension, ``round(target*M)``
             of them are pruned, at most ``M - N``).
-        scope: ``global`` (one threshold across all weights; channel scores are then normalised by
-            fan-in) or ``layer`` (each weight pruned to ``target``). N:M is always per group.
+        scope: ``global`` (one threshold across all weights; for channels, across each layer's scores
+            relative to its mean channel score, and no layer keeps fewer than :data:`MIN_KEPT_SHARE` of
+            ``1 - target`` of its channels) or ``layer`` (each weight pruned to ``target``). N:M is
+            always per group.
         norm: ``l1`` or ``l2``, the channel score.
         couplings: for ``channel``, groups of layers whose output channels are one set (e.g. the
             convolutions feeding the same residual add, see
@@ -158,21 +157,21 @@ def compute_masks(
         return {name: _nm_mask(w, pattern, target) for name, w in weights.items()}
     groups: list[list[str]] = []
     if pattern.kind == "channel":
-        scores = {name: _channel_scores(w, norm, normalise=scope == "global") for name, w in weights.items()}
+        scores = {name: _channel_scores(w, norm) for name, w in weights.items()}
         groups = [[n for n in group if n in scores] for group in couplings]
         groups = [g for g in groups if len(g) > 1 and len({scores[n].numel() for n in g}) == 1]
-        for group in groups:  # one entry stands for the group
-            total = sum(scores[n] / scores[n].mean().clamp_min(1e-12) for n in group)
-            scale = torch.stack([scores[n].mean() for n in group]).mean()
-            scores[group[0]] = total / len(group) * scale
+        for group in groups:  # one entry stands for the group: the mean of its members' relative scores
+            scores[group[0]] = torch.stack([_relative(scores[n]) for n in group]).mean(0)
             for name in group[1:]:
                 del scores[name]
     else:
         scores = {name: w.detach().abs().reshape(-1).float() for name, w in weights.items()}
     if scope == "layer":
         flat_masks = {name: _keep_top(s, _kept(s.numel(), target, pattern)) for name, s in scores.items()}
+    elif pattern.kind == "channel":
+        flat_masks = _global_channel_masks(scores, target)
     else:
-        flat_masks = _global_masks(scores, target, pattern)
+        flat_masks = _global_masks(scores, target)
     if pattern.kind == "channel":
         for group in groups:
             for name in group[1:]:
@@ -186,18 +185,36 @@ def _kept(numel: int, target: float, pattern: Pattern) -> int:
     return max(keep, 1) if pattern.kind == "channel" else keep
 
 
-def _global_masks(scores: Mapping[str, Tensor], target: float, pattern: Pattern) -> dict[str, Tensor]:
+def _global_masks(scores: Mapping[str, Tensor], target: float) -> dict[str, Tensor]:
     names = list(scores)
     sizes = [scores[n].numel() for n in names]
     flat = torch.cat([scores[n] for n in names])
     mask = _keep_top(flat, flat.numel() - round(target * flat.numel()))
-    out = dict(zip(names, mask.split(sizes), strict=True))
-    if pattern.kind == "channel":  # never remove a layer whole: keep its best channel
-        for name in names:
-            if not out[name].any():
-                out[name] = out[name].clone()
-                out[name][scores[name].argmax()] = True
-    return out
+    return dict(zip(names, mask.split(sizes), strict=True))
+
+
+def _relative(scores: Tensor) -> Tensor:
+    return scores / scores.mean().clamp_min(1e-12)
+
+
+def _global_channel_masks(scores: Mapping[str, Tensor], target: float) -> dict[str, Tensor]:
+    """The weakest channels over all layers by their score relative to the layer's mean score (raw norms
+    differ between layers by fan-in and depth), never below a floor of kept channels per layer."""
+    relative = {name: _relative(s) for name, s in scores.items()}
+    left = {name: s.numel() for name, s in relative.items()}
+    floors = {name: max(1, math.ceil(n * (1 - target) * MIN_KEPT_SHARE)) for name, n in left.items()}
+    total = sum(left.values())
+    to_prune = round(target * total)
+    masks = {name: torch.ones_like(s, dtype=torch.bool) for name, s in relative.items()}
+    ranked = sorted((value, name, index) for name, s in relative.items() for index, value in enumerate(s.tolist()))
+    for _, name, index in ranked:  # the weakest channels first, as long as their layer is above its floor
+        if to_prune == 0:
+            break
+        if left[name] > floors[name]:
+            masks[name][index] = False
+            left[name] -= 1
+            to_prune -= 1
+    return masks
 
 
 def _fill_missing_masks(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_compress.deploy import report as rep
 from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms, ort_session
-from lightning_compress.deploy.onnx import apply_int8, float_copy, int8_plan, write_onnx
+from lightning_compress.deploy.onnx import LogitsFn, apply_int8, float_copy, int8_plan, pick_logits, write_onnx
 from lightning_compress.deploy.shrink import remove_zero_channels
 from lightning_compress.deploy.verify import (
     FP32_MIN_AGREEMENT,
@@ -48,6 +48,7 @@ def write_bundle(
     physical: bool = True,
     plots: bool = True,
     before_accuracy: bool = True,
+    logits_fn: LogitsFn | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` in ``formats`` into ``folder``, verify the ONNX files, and write the report.
 
@@ -66,6 +67,8 @@ def write_bundle(
         physical: remove whole zero output channels (see :mod:`lightning_compress.deploy.shrink`).
         plots: write the PNG plots.
         before_accuracy: measure ``before``'s accuracy too (off when ``before`` is an untrained instance).
+        logits_fn: ``output -> logits`` for a ``forward`` that returns more than the logits (default: a
+            tensor, a ``logits`` key or attribute, or a tuple's first element).
 
     Returns:
         The report (also in ``report.json``).
@@ -79,7 +82,7 @@ def write_bundle(
     model.eval()  # the reference outputs: running statistics, observers still
     try:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:
-            settings = (verify, physical, plots, before_accuracy)
+            settings = (verify, physical, plots, before_accuracy, logits_fn)
             report = _bundle(model, before, Path(tmp), example, list(val), formats, checkpoint, *settings)
             for path in sorted(Path(tmp).iterdir()):
                 if path.is_file() and not path.name.startswith("."):
@@ -94,7 +97,7 @@ def write_bundle(
 def _bundle(
     model: nn.Module, before: nn.Module, tmp: Path, example: Tensor, val: list[tuple[Tensor, Tensor]],
     formats: Sequence[str], checkpoint: Mapping[str, Any] | None, verify: bool, physical: bool, plots: bool,
-    before_accuracy: bool,
+    before_accuracy: bool, logits_fn: LogitsFn | None,
 ) -> dict[str, Any]:  # fmt: skip
     batch = val[0][0] if val else example
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -107,28 +110,31 @@ def _bundle(
         if not info["traced"]:
             warnings.warn(f"the export keeps the pruning masks: {info['reason']}", stacklevel=2)
             structure["reason"] = info["reason"]
+            if not info["intact"]:
+                fp32 = float_copy(model).cpu().eval()
         elif info["removed_channels"]:
             structure.update(physical=True, removed_channels=info["removed_channels"])
             removed = info["removed_indices"]
     files: dict[str, dict[str, Any]] = {}
     checks: dict[str, dict[str, Any]] = {}
     figures_before, figures_after = rep.model_figures(before, example), rep.model_figures(fp32, example)
-    before_file = write_onnx(before, example, tmp / ".before.onnx")
+    before_file = write_onnx(before, example, tmp / ".before.onnx", logits_fn=logits_fn)
     _measure(before_file, batch, val if before_accuracy else [], figures_before)
     if "onnx" in formats:
-        path = write_onnx(fp32, example, tmp / FILES["onnx"])
+        path = write_onnx(fp32, example, tmp / FILES["onnx"], logits_fn=logits_fn)
         if verify:
             with torch.no_grad():
-                reference = fp32(batch)
+                reference = pick_logits(fp32(batch), logits_fn)
             tolerance = fp32_tolerance(reference)
             checks["onnx"] = check(_run(path, batch), reference, tolerance, path.name, FP32_MIN_AGREEMENT)
         _measure(path, batch, val, figures_after)
         files["onnx"] = {"path": path.name, "bytes": path.stat().st_size}
     if plan is not None:
-        path = write_onnx(apply_int8(copy.deepcopy(fp32), plan, removed), example, tmp / FILES["onnx_int8"], int8=True)
+        int8_model = apply_int8(copy.deepcopy(fp32), plan, removed)
+        path = write_onnx(int8_model, example, tmp / FILES["onnx_int8"], int8=True, logits_fn=logits_fn)
         if verify:
             with torch.no_grad():
-                reference = model(batch.to(device)).cpu()
+                reference = pick_logits(model(batch.to(device)), logits_fn).cpu()
             checks["onnx_int8"] = check(
                 _run(path, batch), reference, int8_tolerance(model), path.name, min_agreement=INT8_MIN_AGREEMENT
             )

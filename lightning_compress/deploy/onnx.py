@@ -25,7 +25,7 @@ import io
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.core import quantization as q
+from lightning_compress.core.distillation import logits_of
 from lightning_compress.core.layers import weight_of
 from lightning_compress.core.pruning import fold_masks
 from lightning_compress.core.surgery import swap_modules, unpatched_copy
@@ -104,6 +105,8 @@ def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[
     plan: dict[str, LayerQuant] = {}
     for name, layer in layers.items():
         quant = q.weight_quantizer(layer)
+        if not bool(quant.enabled):  # left in float (never reached by forward): float in the file too
+            continue
         inputs, outputs = getattr(layer, q.INPUT_QUANT), getattr(layer, q.OUTPUT_QUANT)
         bypass = outputs.bypass or name in shared
         for attr, observer, needed in ((q.INPUT_QUANT, inputs, True), (q.OUTPUT_QUANT, outputs, not bypass)):
@@ -174,6 +177,8 @@ def int8_copy(model: nn.Module, example_input: Tensor, physical: bool = False) -
         _, info = remove_zero_channels(fp32, example_input.cpu(), inplace=True)
         if not info["traced"]:
             warnings.warn(f"int8 export keeps its zero channels: {info['reason']}", stacklevel=2)
+            if not info["intact"]:
+                fp32 = float_copy(model).cpu()
         removed = info["removed_indices"]
     return apply_int8(fp32, plan, removed)
 
@@ -352,8 +357,36 @@ def _to_onnx(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:
     return program.model_proto
 
 
+LogitsFn = Callable[[Any], Tensor]
+
+
+def pick_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
+    """The logits in a model's output: ``logits_fn(output)``, or by the rule distillation uses (a tensor,
+    a ``logits`` key or attribute, a tuple's first element; see
+    :func:`lightning_compress.core.distillation.logits_of`)."""
+    return logits_fn(output) if logits_fn is not None else logits_of(output, "model")
+
+
+class LogitsOnly(nn.Module):
+    """``model`` with its output reduced to the logits, for a model whose ``forward`` returns a tuple,
+    a dict or a dataclass: the exported file has one output, ``logits``."""
+
+    def __init__(self, model: nn.Module, logits_fn: LogitsFn | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.logits_fn = logits_fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pick_logits(self.model(x), self.logits_fn)
+
+
 def export_onnx(
-    model: nn.Module, example_input: Tensor, path: str | os.PathLike[str], int8: bool = False, physical: bool = False
+    model: nn.Module,
+    example_input: Tensor,
+    path: str | os.PathLike[str],
+    int8: bool = False,
+    physical: bool = False,
+    logits_fn: LogitsFn | None = None,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (batch dimension dynamic), atomically.
 
@@ -365,6 +398,8 @@ def export_onnx(
             otherwise an fp32 model with fake quantisation switched off.
         physical: with ``int8``, remove whole zero output channels (the fp32 path gets a model
             already shrunk by :func:`lightning_compress.deploy.shrink.remove_zero_channels`).
+        logits_fn: ``output -> logits`` for a ``forward`` that returns more than the logits (default
+            :func:`pick_logits`' rule); the file's one output is the logits.
 
     Returns:
         The path written.
@@ -373,20 +408,32 @@ def export_onnx(
         CompressionConfigError: ``int8=True`` on a model without QAT state; the folder cannot be written.
     """
     prepared = int8_copy(model, example_input, physical) if int8 else float_copy(model)
-    return write_onnx(prepared, example_input, path, int8)
+    return write_onnx(prepared, example_input, path, int8, logits_fn)
 
 
-def write_onnx(prepared: nn.Module, example_input: Tensor, path: str | os.PathLike[str], int8: bool = False) -> Path:
+def write_onnx(
+    prepared: nn.Module,
+    example_input: Tensor,
+    path: str | os.PathLike[str],
+    int8: bool = False,
+    logits_fn: LogitsFn | None = None,
+) -> Path:
     """Export a model already prepared (:func:`float_copy`, :func:`int8_copy`) to ONNX at ``path``, atomically.
 
-    ``prepared`` is exported on the CPU and left there, in eval mode, without gradients.
+    ``prepared`` is exported on the CPU and left there, in eval mode, without gradients; its input keeps
+    the example's dtype (token ids stay integers) and its one output is the logits (:class:`LogitsOnly`
+    where ``forward`` returns more).
 
     Raises:
         CompressionConfigError: the folder cannot be written.
     """
     path = Path(path)
-    export = prepared.cpu().eval().requires_grad_(False)
-    proto = _to_onnx(export, example_input.detach().cpu())
+    export: nn.Module = prepared.cpu().eval().requires_grad_(False)
+    example = example_input.detach().cpu()
+    with torch.no_grad():
+        if logits_fn is not None or not isinstance(export(example), Tensor):
+            export = LogitsOnly(export, logits_fn)
+    proto = _to_onnx(export, example)
     if int8:
         fold_weight_quantizers(proto)
         quantize_biases(proto)

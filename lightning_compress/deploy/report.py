@@ -137,4 +137,7 @@ def check_formats(formats: Iterable[str], allowed: Iterable[str]) -> list[str]:
 
 
 def to_numpy(x: Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    """A batch as ONNX Runtime takes it: floating tensors as float32, integer ones (token ids) as they are."""
+    if not isinstance(x, torch.Tensor):
+        return np.asarray(x)
+    return (x.detach().float() if x.is_floating_point() else x.detach()).cpu().numpy()

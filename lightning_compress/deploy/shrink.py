@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.graph import dependency_graph, prune_out_fn
+from lightning_compress.core.distillation import logits_of
+from lightning_compress.core.graph import TRACE_SECONDS, dependency_graph, prune_out_fn, time_limit
 from lightning_compress.core.layers import select_layers, weight_of
 
 
@@ -54,20 +55,47 @@ def remove_zero_channels(
         ``(smaller model, info)``; ``info`` has ``removed_channels`` per layer (the layer whose group
         was pruned), ``removed_indices`` (every layer whose output channels went, with their indices
         in the original numbering), ``params_before``, ``params_after``, ``traced`` and, when the
-        graph could not be traced, ``reason`` (the returned model is then unchanged).
+        graph could not be traced or the smaller model would not compute the same function, ``reason``
+        (the returned model is then unchanged, except with ``inplace``, where ``intact`` is then ``False``
+        and the caller must take a fresh copy).
     """
+    original = model
     model = (model if inplace else copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        reference = logits_of(model(example_input), "model")
     layers = select_layers(model)
     keep = list(keep) if keep is not None else list(layers)[-1:]
     before = sum(p.numel() for p in model.parameters())
     info: dict[str, Any] = {
         "params_before": before, "params_after": before, "removed_channels": {}, "removed_indices": {}, "traced": True,
+        "intact": True,
     }  # fmt: skip
     try:
-        graph = dependency_graph(model, example_input)
-    except Exception as error:  # custom ops, data-dependent control flow: keep the masks
+        with time_limit(TRACE_SECONDS, "Torch-Pruning's trace"):
+            graph = dependency_graph(model, example_input)
+    except Exception as error:  # custom ops, data-dependent control flow, unbounded or slow: keep the masks
         info.update(traced=False, reason=f"Torch-Pruning could not trace the model: {type(error).__name__}: {error}")
         return model, info
+    try:
+        with time_limit(TRACE_SECONDS, "removing the zero channels"):
+            _remove(model, graph, layers, keep, round_to, info)
+        problem = _changed(model, example_input, reference) if info["removed_channels"] else None
+    except Exception as error:  # Torch-Pruning failed half way (index bounds in grouped convs) or took too long
+        problem = f"Torch-Pruning failed: {type(error).__name__}: {str(error)[:200]}"
+    info["params_after"] = sum(p.numel() for p in model.parameters())
+    if problem is not None:  # the dependency graph missed a coupling (grouped convs, channel shuffles)
+        reason = f"removing the zero channels changed the model ({problem}); the masks are kept instead"
+        info.update(traced=False, reason=reason, removed_channels={}, removed_indices={}, params_after=before)
+        if inplace:
+            info["intact"] = False  # `model` is changed: the caller takes a fresh copy
+        else:
+            model = copy.deepcopy(original).eval()
+    return model, info
+
+
+def _remove(
+    model: nn.Module, graph: Any, layers: dict[str, nn.Module], keep: list[str], round_to: int, info: dict[str, Any]
+) -> None:
     names = {id(m): n for n, m in layers.items()}
     for name, layer in layers.items():
         if name in keep or (isinstance(layer, nn.Conv2d) and layer.groups != 1) or layer not in graph.module2node:
@@ -101,8 +129,21 @@ def remove_zero_channels(
                     _record(info["removed_indices"], target, [int(i) for i in dep_idxs])
             group.prune()
             info["removed_channels"][name] = len(idxs)
-    info["params_after"] = sum(p.numel() for p in model.parameters())
-    return model, info
+
+
+def _changed(model: nn.Module, example_input: Tensor, reference: Tensor) -> str | None:
+    """Why the smaller model is not the same function, or ``None``: it must run and match within 1e-4 relative."""
+    try:
+        with torch.no_grad():
+            output = logits_of(model(example_input), "model")
+    except Exception as error:  # a shape mismatch left behind
+        return f"it fails: {type(error).__name__}: {str(error)[:200]}"
+    if output.shape != reference.shape:
+        return f"its output shape is {tuple(output.shape)}, not {tuple(reference.shape)}"
+    diff = float((output - reference).abs().max())
+    if diff > 1e-4 * max(1.0, float(reference.abs().max())):
+        return f"its outputs differ by up to {diff:.3g}"
+    return None
 
 
 def _record(removed: dict[str, list[int]], name: str, idxs: list[int]) -> None:

@@ -1,9 +1,11 @@
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import (
     CompressionConfigError,
@@ -17,7 +19,7 @@ from lightning_compress.deploy import bundle
 from lightning_compress.deploy.measure import ort_session
 from lightning_compress.deploy.report import REPORT_VERSION
 from lightning_compress.errors import ExportVerificationError
-from tests.helpers import TinyModule, fit, logged_metrics, synthetic
+from tests.helpers import TinyModule, fit, logged_metrics, synthetic, trainer
 
 
 def compressed_run(out, **kwargs):
@@ -186,3 +188,66 @@ def test_one_dependency_trace_and_one_copy_per_format_written(tmp_path, monkeypa
     assert len(traces) == 1
     # the `before` copy at fit start, then the fp32 file's copy and the int8 file's copy
     assert copies == ["TinyModule"] * 3
+
+
+class WithFeatures(TinyModule):
+    """A module whose forward returns ``(logits, features)``."""
+
+    def forward(self, x, *, scale=1.0):
+        logits = self.net(x, scale=scale)
+        return logits, logits.detach().relu()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x)[0], y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self(x)[0].argmax(1) == y).float().mean())
+
+
+class TokenModel(pl.LightningModule):
+    """Token ids in (an ``nn.Embedding``), logits out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 16)
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, tokens):
+        return self.fc2(F.relu(self.fc1(self.embed(tokens).mean(1))))
+
+    def training_step(self, batch, batch_idx):
+        tokens, y = batch
+        return F.cross_entropy(self(tokens), y)
+
+    def validation_step(self, batch, batch_idx):
+        tokens, y = batch
+        self.log("val/acc", (self(tokens).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), 1e-2)
+
+
+def test_a_forward_returning_logits_and_features_exports_its_logits(tmp_path):
+    # Regression: the export failed with "'tuple' object has no attribute 'abs'".
+    out = tmp_path / "exported"
+    callbacks = [MagnitudePruning(0.5, end_epoch=1), QuantizationAwareTraining(start_epoch=1), CompressionExport(out)]
+    fit(callbacks, module=WithFeatures(bn=True), max_epochs=2)
+    report = json.loads((out / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values())
+    session = ort_session(out / "model.int8.onnx")
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+
+
+def test_token_ids_are_exported_as_integers(tmp_path):
+    # Regression: the integer input was cast to float on its way to ONNX Runtime.
+    out = tmp_path / "exported"
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 32, (64, 6), generator=g), torch.randint(0, 4, (64,), generator=g))
+    export = CompressionExport(out, plots=False)
+    t = trainer(callbacks=[MagnitudePruning(0.5, end_epoch=1), export])
+    t.fit(TokenModel(), DataLoader(data, batch_size=16), DataLoader(data, batch_size=32))
+    assert all(check["passed"] for check in export.report["verification"].values())
+    assert ort_session(out / "model.onnx").get_inputs()[0].type == "tensor(int64)"
+    assert export.report["after"]["ort_accuracy"] >= 0.0

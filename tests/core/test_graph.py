@@ -1,6 +1,7 @@
 import gc
 import weakref
 
+import pytest
 import torch
 from torch import nn
 
@@ -71,3 +72,31 @@ def test_couplings_are_traced_once_per_structure(monkeypatch):
     assert coupled_layers(model, {n: m for n, m in layers.items() if n != "conv1"}, x)
     assert len(traces) == 1
     assert any({"conv1", "layer1.0.conv2", "layer1.1.conv2"} <= set(g) for g in groups)
+
+
+def test_a_trace_that_takes_too_long_is_abandoned():
+    import time
+
+    with pytest.raises(TimeoutError, match=r"the trace took more than 0\.2 s"), graph.time_limit(0.2, "the trace"):
+        while True:
+            time.sleep(0.01)
+    with graph.time_limit(5, "a quick one"):  # the timer is cleared on the way out
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
+def test_strided_slicing_is_not_traced_so_couplings_fall_back_to_none():
+    class Merging(nn.Module):  # Swin's patch merging: strided slices, concatenated
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(32, 4, 1)
+
+        def forward(self, x):
+            x = self.conv(x)
+            quarters = [x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]]
+            return self.head(torch.cat(quarters, 1))
+
+    model, x = Merging(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="slices tensors"):
+        graph.dependency_graph(model, x)
+    assert coupled_layers(model, select_layers(model), x) == [] and graph.entangled_layers(model, x) == {}

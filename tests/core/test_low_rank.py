@@ -64,7 +64,8 @@ def test_rank_rules():
         u, _, vh = torch.linalg.svd(torch.randn(50, 100), full_matrices=False)
         s = torch.tensor([10.0, 1.0, 1.0] + [0.01] * 47)
         layer.weight.copy_(u @ torch.diag(s) @ vh)
-    assert [rank_for(layer, energy=e) for e in (0.98, 0.99, 0.9999)] == [(1,), (2,), (3,)]
+    assert [rank_for(layer, energy=e, floor=1) for e in (0.98, 0.99, 0.9999)] == [(1,), (2,), (3,)]
+    assert rank_for(layer, energy=0.98) == (4,)  # the default floor: never below rank 4
     assert rank_for(layer, energy=1.0) == (50,)
     conv = nn.Conv2d(32, 64, 3)
     r_out, r_in = rank_for(conv, ratio=0.4, method="tucker2")
@@ -92,12 +93,14 @@ def test_rank_not_below_the_smallest_dimension():
     with pytest.raises(CompressionConfigError, match=r"`rank` must be < 4 for Linear \(4, 16\), got 4"):
         factorize(nn.Linear(16, 4), rank=4)
     with pytest.raises(CompressionConfigError, match=r"< 8 for Conv2d \(8, 1, 3, 3\), got 40 \(and every other"):
-        plan(TinyNet(), rank=40)  # every TinyNet layer has a dimension below 40
+        plan(TinyNet(), rank=40, include=["*"])  # every TinyNet layer has a dimension below 40
+    with pytest.raises(CompressionConfigError, match=r"< 8 for Conv2d \(8, 8, 3, 3\), got 40 \(and every other"):
+        plan(TinyNet(), rank=40)  # by default conv1 (fan-in 9) and fc2 (the classifier) are not tried
 
 
 def test_plan_skips_what_cannot_or_need_not_be_factorised():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 64, 3), nn.Flatten(), nn.Linear(64, 64))
-    chosen, skipped = plan(model, rank=6)
+    chosen, skipped = plan(model, rank=6, include=["*"])
     assert set(chosen) == {"1", "3"}
     assert skipped["0"] == "grouped or depthwise convolution"
     chosen, skipped = plan(model, rank=40, include=["3"])
@@ -113,7 +116,7 @@ def test_plan_skips_what_cannot_or_need_not_be_factorised():
 def test_rebuild_recreates_factorised_layers_from_a_state_dict():
     torch.manual_seed(0)
     model = TinyNet()
-    chosen, _ = plan(model, ratio=0.5, conv_method="tucker2", exclude=["fc2"])
+    chosen, _ = plan(model, ratio=0.5, conv_method="tucker2", include=["conv1", "conv2", "fc1"])
     swap_modules(model, {name: new for name, (new, _) in chosen.items()})
     state = model.state_dict()
     fresh = TinyNet()
@@ -125,3 +128,31 @@ def test_rebuild_recreates_factorised_layers_from_a_state_dict():
     assert torch.equal(fresh(x), model(x))
     with pytest.raises(CompressionConfigError, match="no Linear/Conv2d layer of TinyNet selected"):
         plan(model, ratio=0.5, exclude=["fc2"])  # factorised layers are not factorised again
+
+
+class Frozen(nn.Module):
+    """A user model: an RGB stem, a frozen layer, a weight-tied pair, attention, a 4-class classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv = nn.Conv2d(32, 64, 3, padding=1)
+        self.frozen = nn.Linear(64, 64).requires_grad_(False)
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.b.weight = self.a.weight  # tied
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.head = nn.Linear(64, 4)
+
+
+def test_defaults_never_wreck_a_model():
+    # Regressions: ratio=0.5 factorised a 4-class classifier to rank 1 and a 3-channel stem, made frozen
+    # layers trainable, untied tied weights, and replaced attention's out_proj (which it reads as a weight).
+    model = Frozen()
+    chosen, skipped = plan(model, ratio=0.5)
+    assert set(chosen) == {"conv"}
+    assert "classifier" in skipped["head"] and "fan-in 27 < 32" in skipped["stem"]
+    assert "frozen" in skipped["frozen"] and "shared with ['b']" in skipped["a"] and "shared with ['a']" in skipped["b"]
+    assert "MultiheadAttention reads its weight" in skipped["attn.out_proj"]
+    assert rank_for(nn.Linear(16, 4), ratio=0.5) == (4,)  # the floor, not rank 1 (which would save parameters)
+    named, _ = plan(model, ratio=0.5, include=["head", "stem"])  # named layers are factorised, never below rank 4
+    assert "head" not in named and named["stem"][1].ranks == (7,)  # the head's floor rank (4) saves nothing

@@ -71,3 +71,23 @@ def test_finding_couplings_leaves_the_model_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     coupled_layers(model, dict(P.select_layers(model)), torch.randn(2, 3, 32, 32))
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("family", ["densenet", "shufflenet", "regnet", "convnext"])
+def test_physical_removal_never_changes_the_function(family):
+    # Regression (#14): Torch-Pruning's removal broke DenseNet's concatenations (the int8 file then
+    # failed), ShuffleNet's channel shuffle and RegNet's grouped convs (crashes): a removal that does not
+    # reproduce the model is undone and the reason reported.
+    from tests.test_zoo import build
+
+    torch.manual_seed(0)
+    model = build(family).eval()
+    for layer in [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1][:-1]:
+        with torch.no_grad():
+            layer.weight[: layer.out_channels // 2] = 0
+            if layer.bias is not None:
+                layer.bias[: layer.out_channels // 2] = 0
+    x = torch.randn(2, 3, 32, 32)
+    smaller, info = remove_zero_channels(model, x)
+    assert max_abs_diff(model, smaller, x) <= 1e-4 * max(1.0, float(model(x).abs().max()))
+    assert info["traced"] or "the masks are kept instead" in info["reason"]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.core.graph import analyze
-from lightning_compress.core.layers import select_layers
+from lightning_compress.core.layers import attention_internals, select_layers
 from lightning_compress.core.quantization.config import QuantConfig
 from lightning_compress.core.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_compress.errors import CompressionConfigError
@@ -87,13 +87,16 @@ def attach(
             now (:func:`link_batchnorms` can fold later, e.g. once a real batch is at hand).
 
     Returns:
-        ``{name: layer}`` of the quantised layers. Idempotent: attached layers are left as they are.
+        ``{name: layer}`` of the quantised layers (never the ``out_proj`` of an ``nn.MultiheadAttention``,
+        which reads its weight without calling it: see
+        :func:`~lightning_compress.core.layers.attention_internals`). Idempotent.
 
     Raises:
         CompressionConfigError: no layer selected.
     """
     config = config or QuantConfig()
-    layers = select_layers(model, include, exclude)
+    inside_attention = attention_internals(model)  # attention reads their weight without calling them
+    layers = {n: m for n, m in select_layers(model, include, exclude).items() if n not in inside_attention}
     if not layers:
         raise CompressionConfigError(
             f"nothing to quantise in {type(model).__name__}: no Conv/Linear layer selected "
@@ -191,11 +194,10 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_attached(m)}
 
 
-def _quantizers(model: nn.Module) -> Iterator[nn.Module]:
-    for layer in quantized_layers(model).values():
-        yield weight_quantizer(layer)
-        yield getattr(layer, INPUT_QUANT)
-        yield getattr(layer, OUTPUT_QUANT)
+def _layer_quantizers(layer: nn.Module) -> Iterator[nn.Module]:
+    yield weight_quantizer(layer)
+    yield getattr(layer, INPUT_QUANT)
+    yield getattr(layer, OUTPUT_QUANT)
 
 
 def _remove_hooks(hooks: dict[int, Any], fn: Any) -> None:
@@ -230,9 +232,27 @@ def strip(model: nn.Module) -> nn.Module:
 
 
 def enable(model: nn.Module, on: bool = True) -> None:
-    """Turn fake quantisation on (or off) everywhere in ``model``."""
-    for quantizer in _quantizers(model):
-        cast(Tensor, quantizer.enabled).fill_(on)
+    """Turn fake quantisation on (or off) everywhere in ``model`` (layers marked unreachable stay off)."""
+    for layer in quantized_layers(model).values():
+        for quantizer in _layer_quantizers(layer):
+            cast(Tensor, quantizer.enabled).fill_(on and not getattr(layer, UNREACHABLE, False))
+
+
+UNREACHABLE = "_lc_unreachable"
+
+
+def leave_uncalled_in_float(model: nn.Module, example: Any) -> list[str]:
+    """Switch off, for good, the fake quantisation of every quantised layer the forward pass never calls
+    (its weight is read directly, e.g. by torchvision's Swin attention): its input and output can never
+    be observed, so it stays in float (also in the int8 export). Returns those layers' names."""
+    called = analyze(model, example).called
+    uncalled = [name for name in quantized_layers(model) if name not in called]
+    for name in uncalled:
+        layer = model.get_submodule(name)
+        setattr(layer, UNREACHABLE, True)
+        for quantizer in _layer_quantizers(layer):
+            cast(Tensor, quantizer.enabled).fill_(False)
+    return uncalled
 
 
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
