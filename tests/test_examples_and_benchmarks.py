@@ -87,3 +87,10 @@ def test_gpu_benchmark_says_so_without_cuda_and_its_plumbing_runs_on_cpu(tmp_pat
     assert "| all |" in stdout and "| plain |" in stdout
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert set(saved["times"]) == {"plain", "all"}
+
+
+def test_zoo_benchmark_smoke(tmp_path):
+    out = run_benchmark("zoo.py", ["--models", "squeezenet1_1", "--size", "32", "--batches", "2"], tmp_path)
+    rows = json.loads((tmp_path / "zoo.json").read_text())
+    assert rows[0]["model"] == "squeezenet1_1" and rows[0]["params"] < 0.5 and rows[0]["int8_bytes"] < 0.2
+    assert "| squeezenet1_1 |" in out
