@@ -63,7 +63,8 @@ class MagnitudePruning(CompressionCallback):
             same residual add share one mask, so :class:`~lightning_compress.CompressionExport` can
             remove the channels without changing the model).
         norm: channel score, ``l1`` or ``l2``.
-        include: module-name patterns (``fnmatch``) to prune; default every Conv and Linear layer.
+        include: module-name patterns (``fnmatch``) to prune; default every Conv and Linear layer that
+            trains (frozen layers, ``requires_grad=False``, are left alone unless named).
         exclude: module-name patterns to leave alone.
         fold_on_fit_end: multiply the masks into the weights and drop them when ``fit`` ends (the
             model's ``state_dict`` then loads into its original class); default keeps them for
@@ -214,6 +215,10 @@ class MagnitudePruning(CompressionCallback):
             if id(weight_of(module)) in seen:
                 del modules[name]
             seen.add(id(weight_of(module)))
+        if self.include is None:  # a frozen layer stays as the user froze it, unless named
+            for name in [n for n, m in modules.items() if not weight_of(m).requires_grad]:
+                del modules[name]
+                rank_zero_info(f"MagnitudePruning leaves {name!r} alone: it is frozen (name it in `include`)")
         if self.pattern.kind == "channel" and self.include is None and modules:
             modules.pop(next(reversed(modules)))  # the classifier's outputs are the classes
         if self.pattern.kind == "channel":

@@ -308,3 +308,18 @@ def test_channel_pattern_gives_a_residual_add_one_mask():
     _, module = fit([pruning], module=ResidualModule(), max_epochs=2)
     stem, block = (m.weight_mask.flatten(1).any(1) for m in (module.stem, module.block))
     assert torch.equal(stem, block) and int(stem.sum()) == 4
+
+
+def test_frozen_layers_stay_as_frozen_unless_named():
+    # Regression (#14): a frozen (pretrained) layer was pruned like the rest.
+    module = TinyModule()
+    module.net.conv2.requires_grad_(False)
+    frozen = module.net.conv2.weight.detach().clone()
+    pruning = MagnitudePruning(0.5, end_epoch=1)
+    fit([pruning], module=module, max_epochs=2)
+    assert torch.equal(module.net.conv2.weight, frozen) and not hasattr(module.net.conv2, "weight_mask")
+    named = TinyModule()
+    named.net.conv2.requires_grad_(False)
+    named_pruning = MagnitudePruning(0.5, end_epoch=1, include=["net.conv2", "net.fc1"], scope="layer")
+    fit([named_pruning], module=named, max_epochs=1)
+    assert float((named.net.conv2.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
