@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench zoo clean
+.PHONY: demo test lint bench zoo zoo-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: $(STAMP)
 
 zoo: $(STAMP)
 	$(PY) benchmarks/zoo.py
+
+zoo-full: $(STAMP)
+	$(PY) -m pytest -q -m zoo_full tests/test_zoo_full.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache lightning_logs

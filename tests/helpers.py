@@ -67,6 +67,24 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
+class Classifier(pl.LightningModule):
+    """The steps a user writes around any classifier (``forward`` is theirs): cross-entropy, ``val/acc``
+    and Adam at :attr:`lr`. The zoo, N-d convolution and attention tests derive their modules from it."""
+
+    lr = 1e-3
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), self.lr)
+
+
 def synthetic(n: int = 128, seed: int = 0, classes: int = 4) -> TensorDataset:
     """Learnable 8x8 images: the class sets which quadrant is bright."""
     g = torch.Generator().manual_seed(seed)

@@ -90,7 +90,16 @@ def test_gpu_benchmark_says_so_without_cuda_and_its_plumbing_runs_on_cpu(tmp_pat
 
 
 def test_zoo_benchmark_smoke(tmp_path):
-    out = run_benchmark("zoo.py", ["--models", "squeezenet1_1", "--size", "32", "--batches", "2"], tmp_path)
+    args = ["--models", "squeezenet1_1", "--size", "32", "--batches", "2", "--techniques", "channel"]
+    out = run_benchmark("zoo.py", args, tmp_path)
     rows = json.loads((tmp_path / "zoo.json").read_text())
     assert rows[0]["model"] == "squeezenet1_1" and rows[0]["params"] < 0.5 and rows[0]["int8_bytes"] < 0.2
-    assert "| squeezenet1_1 |" in out
+    assert "| squeezenet1_1 | channel |" in out
+
+
+def test_zoo_defaults_benchmark_smoke(tmp_path):
+    args = ["--models", "cnn_tiny", "--data", "digits", "--dense", "1", "--tune", "1"]
+    out = run_benchmark("zoo_defaults.py", args, tmp_path)
+    rows = json.loads((tmp_path / "zoo_defaults.json").read_text())
+    assert {(r["setting"], r["arm"]) for r in rows} >= {("channel 50%", "raw L1, no floor"), ("low-rank 0.5", "ours")}
+    assert all(0.0 <= r["acc"] <= 1.0 for r in rows) and "| cnn_tiny | unstructured 95% | ours |" in out

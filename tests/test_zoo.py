@@ -23,14 +23,20 @@ from lightning_compress import (
     QuantizationAwareTraining,
     restore,
 )
-from tests.helpers import trainer
+from lightning_compress.core.calibration import recalibrate_batchnorm
+from tests.helpers import Classifier, trainer
 
 
-def build(family: str) -> nn.Module:
+def build(family: str, size: int = 32) -> nn.Module:
+    """A small configuration of torchvision's class for ``family``, or torchvision's full-size model of that
+    name (``resnet18``, ``vit_b_16``, ...; random weights, 4 classes) for ``tests/test_zoo_full.py``."""
+    import torchvision
     from torchvision.models import (
         convnext,
         densenet,
         efficientnet,
+        inception,
+        maxvit,
         mnasnet,
         mobilenetv2,
         mobilenetv3,
@@ -39,11 +45,37 @@ def build(family: str) -> nn.Module:
         shufflenetv2,
         squeezenet,
         swin_transformer,
+        vgg,
         vision_transformer,
     )
+    from torchvision.models.alexnet import AlexNet
     from torchvision.models.googlenet import GoogLeNet
 
     k = 4
+    if family == "alexnet":  # its features as torchvision has them (input >= 63 px); a smaller head than 9216->4096
+        model = AlexNet(num_classes=k, dropout=0.0)
+        model.classifier = nn.Sequential(nn.Linear(256 * 6 * 6, 64), nn.ReLU(inplace=True), nn.Linear(64, k))
+        return model
+    if family == "vgg":  # VGG's own class and make_layers with BatchNorm, a smaller head than 25088->4096
+        model = vgg.VGG(vgg.make_layers([16, "M", 32, "M", 64, 64, "M"], batch_norm=True), num_classes=k)
+        model.classifier = nn.Sequential(nn.Linear(64 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, k))
+        return model
+    if family == "inception":  # Inception-v3 as torchvision builds it (input >= 75 px), without the aux head
+        return inception.Inception3(num_classes=k, aux_logits=False, init_weights=True)
+    if family == "maxvit":  # MBConv + block and grid attention with relative positions
+        return maxvit.MaxVit(
+            input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+            head_dim=8, stochastic_depth_prob=0.0, num_classes=k,
+        )  # fmt: skip
+    if family in torchvision.models.list_models(module=torchvision.models):
+        extra: dict[str, Any] = {}
+        if family in ("googlenet", "inception_v3"):
+            extra = {"aux_logits": False, "init_weights": True}
+        elif family.startswith("vit_"):
+            extra = {"image_size": size}
+        elif family.startswith("maxvit_"):
+            extra = {"input_size": (size, size)}
+        return torchvision.models.get_model(family, weights=None, num_classes=k, **extra)
     if family == "resnet":
         return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=k)
     if family == "resnext":  # grouped convs
@@ -52,8 +84,10 @@ def build(family: str) -> nn.Module:
         return densenet.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=k)
     if family == "googlenet":
         return GoogLeNet(num_classes=k, aux_logits=False, init_weights=True)
-    if family == "squeezenet":
-        return squeezenet.SqueezeNet("1_1", num_classes=k)
+    if family == "squeezenet":  # its head without the final ReLU, which left most logits 0 and the rest constant
+        model = squeezenet.SqueezeNet("1_1", num_classes=k)
+        model.classifier = nn.Sequential(nn.Conv2d(512, k, 1), nn.AdaptiveAvgPool2d(1))
+        return model
     if family == "mobilenet_v2":
         return mobilenetv2.MobileNetV2(num_classes=k, width_mult=0.25)
     if family == "mobilenet_v3":  # hardswish, squeeze-excitation
@@ -73,53 +107,90 @@ def build(family: str) -> nn.Module:
         stages = [convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)]
         return convnext.ConvNeXt(stages, num_classes=k)
     if family == "vit":  # attention: channel pruning used to cut the residual stream (reshape crash)
-        return vision_transformer.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=k)
+        model = vision_transformer.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=k)
+        return trained_like_head(model, model.heads.head)  # torchvision starts it at zero: constant logits
     if family == "swin":  # the coupling trace used to exhaust memory; attention reads qkv.weight directly
         return swin_transformer.SwinTransformer([4, 4], 16, [1, 1], [1, 2], [4, 4], num_classes=k)
     raise KeyError(family)
 
 
+def trained_like_head(model: nn.Module, head: nn.Module) -> nn.Module:
+    """``model`` with its classifier ``head`` initialised as a trained one looks (uniform, centred over its
+    inputs) instead of at (near) zero, where the logits ignore the input."""
+    with torch.no_grad():
+        nn.init.xavier_uniform_(head.weight)
+        head.weight -= head.weight.mean(1, keepdim=True)
+    return model
+
+
 FAMILIES = [
-    "resnet", "resnext", "densenet", "googlenet", "squeezenet", "mobilenet_v2", "mobilenet_v3", "mnasnet",
-    "shufflenet", "efficientnet", "regnet", "convnext", "vit", "swin",
+    "alexnet", "vgg", "resnet", "resnext", "densenet", "googlenet", "inception", "squeezenet", "mobilenet_v2",
+    "mobilenet_v3", "mnasnet", "shufflenet", "efficientnet", "regnet", "convnext", "vit", "swin",
 ]  # fmt: skip
+# MaxViT ("maxvit" above builds it) is in `make zoo-full` and benchmarks/zoo.py, not here: in one of three
+# suite runs its channel removal did not come back within the 30 s limit (not diagnosed yet, #14 note).
 
 
-class Zoo(pl.LightningModule):
+class Zoo(Classifier):
     """What a user writes around a torchvision model."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, size: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = build(family)
-        self.example_input_array = torch.zeros(2, 3, 32, 32)
+        size = size or SIZES.get(family, 32)
+        self.net = build(family, size)
+        self.example_input_array = torch.zeros(2, 3, size, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters(), 1e-3)
+SIZES = {"alexnet": 64, "inception": 75}  # the smallest inputs their strides allow; 32 px for the others
 
 
-def data() -> tuple[DataLoader[Any], DataLoader[Any]]:
+def images(n: int, generator: torch.Generator, size: int = 32) -> torch.Tensor:
+    """Smooth images with a brightness of their own: white noise averages out in a global pool, and a
+    verification that compares outputs that do not depend on the input checks nothing."""
+    low = torch.randn(n, 3, 4, 4, generator=generator)
+    smooth = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    noise = torch.randn(n, 3, size, size, generator=generator)
+    return smooth + torch.randn(n, 3, 1, 1, generator=generator) + 0.3 * noise
+
+
+def data(size: int = 32) -> tuple[DataLoader[Any], DataLoader[Any]]:
     g = torch.Generator().manual_seed(0)
-    images = TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 4, (32,), generator=g))
-    return DataLoader(images, batch_size=8), DataLoader(images, batch_size=16)
+    x = images(32, g, size)
+    dataset = TensorDataset(x, (x.mean((1, 2, 3)) > x.mean()).long() + 2 * (x[:, 0].mean((1, 2)) > 0).long())
+    return DataLoader(dataset, batch_size=8), DataLoader(dataset, batch_size=16)
+
+
+def settle_batchnorm(module: nn.Module, size: int = 32) -> None:
+    """Running statistics that follow the data, as a trained model's do: at torchvision's initial
+    statistics (mean 0, variance 1), or 0.1 of the way after pruning in 4 steps, several families
+    output the same logits for every input."""
+    recalibrate_batchnorm(module, [images(64, torch.Generator().manual_seed(1), size)])
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.momentum = 0.5  # a few steps of training follow the pruned weights
+
+
+def informative(outputs: torch.Tensor) -> bool:
+    """Outputs that depend on the input: some class's logit spreads over the batch by 0.1% of the largest
+    logit. The degenerate outputs this guards against spread by 1e-10 to 1e-8 of it; the fp32 check
+    resolves 1e-4, and the int8 check compares every quantised tensor, not only the logits."""
+    return bool(outputs.std(0).max() >= 1e-3 * outputs.abs().max())
 
 
 def compress(family: str, callbacks: list[pl.Callback], out: Any) -> tuple[Zoo, dict[str, Any]]:
     pl.seed_everything(0, verbose=False)
     module = Zoo(family)
+    size = SIZES.get(family, 32)
+    settle_batchnorm(module, size)
     export = CompressionExport(out, plots=False, val_batches=1)
-    trainer(callbacks=[*callbacks, export], max_epochs=2, limit_train_batches=2).fit(module, *data())
+    trainer(callbacks=[*callbacks, export], max_epochs=2, limit_train_batches=2).fit(module, *data(size))
+    with torch.no_grad():
+        outputs = module.eval()(images(16, torch.Generator().manual_seed(2), size))
+    assert informative(outputs), "the check would check nothing"
     return module, json.loads((out / "report.json").read_text())
 
 
@@ -131,7 +202,7 @@ def test_channel_pruning_qat_and_export_verify_on_every_family(family, tmp_path)
     assert all(check["passed"] for check in report["verification"].values()), report["verification"]
     assert report["structure"]["physical"] or report["structure"]["reason"]  # removed, or why not
     fresh = restore(Zoo(family), tmp_path / "out" / "model.ckpt").eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = images(4, torch.Generator().manual_seed(3), SIZES.get(family, 32))
     assert torch.allclose(fresh(x), module.eval()(x), atol=1e-5)
 
 

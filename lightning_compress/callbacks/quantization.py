@@ -23,7 +23,12 @@ from lightning_compress.callbacks.base import (
 )
 from lightning_compress.core import quantization as core
 from lightning_compress.core.graph import find_bn_pairs
-from lightning_compress.core.layers import attention_internals, unsupported_layers
+from lightning_compress.core.layers import (
+    ATTENTION_IN_FLOAT,
+    attention_internals,
+    attention_modules,
+    unsupported_layers,
+)
 from lightning_compress.deploy.restore import QUANTIZATION_KIND
 from lightning_compress.errors import config_error
 
@@ -117,6 +122,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self._folded_bns = []
         if stage == "fit":
             floats = {name: reason for name, reason in attention_internals(pl_module).items()}
+            floats.update({name: ATTENTION_IN_FLOAT for name in attention_modules(pl_module)})
             floats.update({name: "transposed convolutions are not supported" for name in unsupported_layers(pl_module)})
             for name, reason in floats.items():
                 rank_zero_warn(f"QuantizationAwareTraining leaves {name!r} in float: {reason}")

@@ -66,6 +66,17 @@ def attention_internals(model: nn.Module) -> dict[str, str]:
     return found
 
 
+ATTENTION_IN_FLOAT = (
+    "nn.MultiheadAttention's query/key/value projection (`in_proj_weight`, a bare parameter) and its "
+    "attention products run inside F.multi_head_attention_forward, which fake quantisation does not reach"
+)
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the ``nn.MultiheadAttention`` modules of ``model`` (their own projection is left in float)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+
+
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Names of the layers no technique handles yet (transposed convolutions): reported, left as they are."""
     return [name for name, module in model.named_modules() if isinstance(module, UNSUPPORTED_TYPES)]

@@ -216,6 +216,8 @@ def smallest_dimension(layer: Any) -> int:
 
 def skip_reason(layer: Any) -> str | None:
     """Why ``layer`` is not factorised (``None`` when it can be)."""
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return f"a {type(layer).__name__}: low-rank factorises Linear and Conv2d layers only"
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return "grouped or depthwise convolution"
     if not weight_of(layer).requires_grad:

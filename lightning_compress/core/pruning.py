@@ -28,7 +28,7 @@ from lightning_compress.errors import CompressionConfigError, config_error, did_
 
 SCOPES = ("global", "layer")
 NORMS = ("l1", "l2")
-MIN_KEPT_SHARE = 0.5  # global channel pruning: every layer keeps at least this share of 1 - target of its channels
+MIN_KEPT_SHARE = 0.5  # global pruning: every layer keeps at least this share of 1 - target of its weights / channels
 WEIGHT_MASK = "weight_mask"
 BIAS_MASK = "bias_mask"
 
@@ -133,9 +133,9 @@ def compute_masks(
         pattern: ``unstructured``, ``channel`` (whole output channels, ranked by ``norm``) or ``N:M``
             (in every group of M consecutive weights along the input dimension, ``round(target*M)``
             of them are pruned, at most ``M - N``).
-        scope: ``global`` (one threshold across all weights; for channels, across each layer's scores
-            relative to its mean channel score, and no layer keeps fewer than :data:`MIN_KEPT_SHARE` of
-            ``1 - target`` of its channels) or ``layer`` (each weight pruned to ``target``). N:M is
+        scope: ``global`` (one threshold across all weights, or for channels across each layer's scores
+            relative to its mean channel score; no layer keeps fewer than :data:`MIN_KEPT_SHARE` of
+            ``1 - target`` of its weights or channels) or ``layer`` (each weight pruned to ``target``). N:M is
             always per group.
         norm: ``l1`` or ``l2``, the channel score.
         couplings: for ``channel``, groups of layers whose output channels are one set (e.g. the
@@ -185,12 +185,21 @@ def _kept(numel: int, target: float, pattern: Pattern) -> int:
     return max(keep, 1) if pattern.kind == "channel" else keep
 
 
+def _floor(numel: int, target: float) -> int:
+    """The fewest weights (channels) a layer keeps under global pruning: :data:`MIN_KEPT_SHARE` of ``1 - target``."""
+    return max(1, math.ceil(numel * (1 - target) * MIN_KEPT_SHARE))
+
+
 def _global_masks(scores: Mapping[str, Tensor], target: float) -> dict[str, Tensor]:
+    """One magnitude threshold over all weights, except that every layer keeps its :func:`_floor` largest
+    (raw magnitudes differ between layers: a classifier initialised near zero was pruned away whole)."""
     names = list(scores)
     sizes = [scores[n].numel() for n in names]
     flat = torch.cat([scores[n] for n in names])
-    mask = _keep_top(flat, flat.numel() - round(target * flat.numel()))
-    return dict(zip(names, mask.split(sizes), strict=True))
+    forced = torch.cat([_keep_top(scores[n], min(_floor(scores[n].numel(), target), scores[n].numel())) for n in names])
+    budget = flat.numel() - round(target * flat.numel()) - int(forced.sum())
+    rest = _keep_top(flat.masked_fill(forced, -math.inf), max(budget, 0)) & ~forced
+    return dict(zip(names, (forced | rest).split(sizes), strict=True))
 
 
 def _relative(scores: Tensor) -> Tensor:
@@ -202,7 +211,7 @@ def _global_channel_masks(scores: Mapping[str, Tensor], target: float) -> dict[s
     differ between layers by fan-in and depth), never below a floor of kept channels per layer."""
     relative = {name: _relative(s) for name, s in scores.items()}
     left = {name: s.numel() for name, s in relative.items()}
-    floors = {name: max(1, math.ceil(n * (1 - target) * MIN_KEPT_SHARE)) for name, n in left.items()}
+    floors = {name: _floor(n, target) for name, n in left.items()}
     total = sum(left.values())
     to_prune = round(target * total)
     masks = {name: torch.ones_like(s, dtype=torch.bool) for name, s in relative.items()}

@@ -14,6 +14,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,7 @@ from lightning_compress.deploy import report as rep
 from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms, ort_session
 from lightning_compress.deploy.onnx import LogitsFn, apply_int8, float_copy, int8_plan, pick_logits, write_onnx
 from lightning_compress.deploy.shrink import remove_zero_channels
-from lightning_compress.deploy.verify import (
-    FP32_MIN_AGREEMENT,
-    INT8_MIN_AGREEMENT,
-    fp32_tolerance,
-    int8_tolerance,
-)
-from lightning_compress.deploy.verify import verify as check
+from lightning_compress.deploy.verify import verify_fp32, verify_int8
 
 FORMATS = ("onnx", "onnx_int8", "checkpoint")
 FILES = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "checkpoint": "model.ckpt"}
@@ -62,8 +57,8 @@ def write_bundle(
         val: ``(input, label)`` validation batches: the first checks the files, all give the ORT accuracy.
         formats: any of ``onnx``, ``onnx_int8`` (needs fake quantisation), ``checkpoint``.
         checkpoint: what the ``checkpoint`` file holds (default ``{"state_dict": model.state_dict()}``).
-        verify: compare every ONNX file with PyTorch (fp32: within 1e-4 relative; int8: against the
-            fake-quant model, within two output quantisation steps).
+        verify: compare every ONNX file with PyTorch (see :mod:`lightning_compress.deploy.verify`: fp32
+            by SQNR against the float model, int8 layer by layer against the model it was exported from).
         physical: remove whole zero output channels (see :mod:`lightning_compress.deploy.shrink`).
         plots: write the PNG plots.
         before_accuracy: measure ``before``'s accuracy too (off when ``before`` is an untrained instance).
@@ -116,6 +111,11 @@ def _bundle(
             structure.update(physical=True, removed_channels=info["removed_channels"])
             removed = info["removed_indices"]
     files: dict[str, dict[str, Any]] = {}
+
+    def float_logits() -> Tensor:
+        with torch.no_grad():
+            return pick_logits(fp32(batch), logits_fn)
+
     checks: dict[str, dict[str, Any]] = {}
     figures_before, figures_after = rep.model_figures(before, example), rep.model_figures(fp32, example)
     before_file = write_onnx(before, example, tmp / ".before.onnx", logits_fn=logits_fn)
@@ -123,10 +123,7 @@ def _bundle(
     if "onnx" in formats:
         path = write_onnx(fp32, example, tmp / FILES["onnx"], logits_fn=logits_fn)
         if verify:
-            with torch.no_grad():
-                reference = pick_logits(fp32(batch), logits_fn)
-            tolerance = fp32_tolerance(reference)
-            checks["onnx"] = check(_run(path, batch), reference, tolerance, path.name, FP32_MIN_AGREEMENT)
+            checks["onnx"] = verify_fp32(_run(path, batch), float_logits(), path.name)
         _measure(path, batch, val, figures_after)
         files["onnx"] = {"path": path.name, "bytes": path.stat().st_size}
     if plan is not None:
@@ -134,10 +131,9 @@ def _bundle(
         path = write_onnx(int8_model, example, tmp / FILES["onnx_int8"], int8=True, logits_fn=logits_fn)
         if verify:
             with torch.no_grad():
-                reference = pick_logits(model(batch.to(device)), logits_fn).cpu()
-            checks["onnx_int8"] = check(
-                _run(path, batch), reference, int8_tolerance(model), path.name, min_agreement=INT8_MIN_AGREEMENT
-            )
+                fake_quant = pick_logits(model(batch.to(device)), logits_fn).cpu()
+            logits = partial(pick_logits, logits_fn=logits_fn)
+            checks["onnx_int8"] = verify_int8(path, int8_model, batch, fake_quant, float_logits(), logits)
         int8: dict[str, float] = {}
         _measure(path, batch, val, int8)
         figures_after.update({f"int8_{k}": v for k, v in int8.items()})

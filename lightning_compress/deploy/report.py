@@ -8,7 +8,9 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
   the weights), and, where an ONNX file was measured,
   ``onnx_bytes``, ``ort_accuracy``, ``ort_latency_ms`` (``before`` is the model as ``fit`` started);
 - ``files``: ``{format: {path, bytes}}``;
-- ``verification``: ``{format: {max_abs_diff, top1_agreement, tolerance, passed}}``;
+- ``verification``: ``{format: {sqnr_db, relative_error, max_abs_diff, top1_agreement, decisive_flips,
+  criterion, passed}}`` (int8 also ``sqnr_vs_float_db``, ``fake_quant_sqnr_vs_float_db`` and ``layers``:
+  the layer-by-layer comparison, see :mod:`lightning_compress.deploy.verify`);
 - ``structure``: ``physical`` (channels removed), ``removed_channels``, ``reason`` (why not);
 - ``layers``: one row per Conv/Linear layer: ``name``, ``sparsity``, ``rank`` (low-rank factors),
   ``weight_bits`` (fake-quantised layers).
@@ -63,12 +65,24 @@ def markdown(report: Mapping[str, Any]) -> str:
     for key in keys:
         ratio = after[key] / before[key] if before[key] else float("nan")
         lines.append(f"| {key} | {before[key]:,.4g} | {after[key]:,.4g} | {ratio:.3f} |")
-    lines += ["", "| file | bytes | max abs diff (ORT vs PyTorch) | top-1 agreement |", "|---|---|---|---|"]
+    lines += [
+        "", "| file | bytes | SQNR dB (ORT vs PyTorch) | max abs diff | top-1 agreement |", "|---|---|---|---|---|"
+    ]  # fmt: skip
     for fmt, entry in report["files"].items():
         check = report["verification"].get(fmt, {})
+        sqnr = ("∞" if check.get("sqnr_db") is None else f"{check['sqnr_db']:.1f}") if check else "—"
         diff = f"{check['max_abs_diff']:.3g}" if check else "—"
         agree = f"{check['top1_agreement']:.3f}" if check else "—"
-        lines.append(f"| {Path(entry['path']).name} | {entry['bytes']:,} | {diff} | {agree} |")
+        lines.append(f"| {Path(entry['path']).name} | {entry['bytes']:,} | {sqnr} | {diff} | {agree} |")
+    for fmt, check in report["verification"].items():
+        if check.get("criterion"):
+            lines += ["", f"`{fmt}` verified by: {check['criterion']}."]
+        if check.get("layers"):
+            layers = check["layers"]
+            lines.append(
+                f"Layer by layer: {layers['compared']} quantised tensors compared; the most different is "
+                f"{layers['worst']} ({layers['worst_off_share']:.2%} of elements more than one step apart)."
+            )
     structure = report["structure"]
     lines += ["", f"Channels removed physically: {structure['physical']}"]
     if structure.get("reason"):

@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_compress.core.pruning import (
+    MIN_KEPT_SHARE,
     Pattern,
     apply_masks,
     attach_masks,
@@ -186,3 +189,15 @@ def test_compute_masks_argument_errors():
 def test_prune_with_nothing_selected():
     with pytest.raises(CompressionConfigError, match="no Conv/Linear layer selected"):
         prune(nn.Sequential(nn.ReLU()), 0.5)
+
+
+def test_global_unstructured_pruning_never_empties_a_small_magnitude_layer():
+    # Regression: a classifier initialised near zero (torchvision's ViT head) was pruned away whole at 50%,
+    # and the model's output no longer depended on its input.
+    g = torch.Generator().manual_seed(0)
+    weights = {"body": torch.randn(64, 64, generator=g), "head": 1e-3 * torch.randn(4, 32, generator=g)}
+    masks = compute_masks(weights, 0.5)
+    assert int(masks["head"].sum()) == math.ceil(128 * 0.5 * MIN_KEPT_SHARE)  # the floor, no more
+    assert sum(int(m.sum()) for m in masks.values()) == (64 * 64 + 128) // 2  # the target still holds
+    kept = weights["body"][masks["body"]].abs()
+    assert kept.min() >= weights["body"][~masks["body"]].abs().max()  # the rest by one threshold

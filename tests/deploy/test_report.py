@@ -27,12 +27,15 @@ def test_markdown_has_the_ratios_the_files_and_the_layers():
         "before": {"params": 100.0, "onnx_bytes": 400.0},
         "after": {"params": 25.0, "onnx_bytes": 100.0},
         "files": {"onnx": {"path": "out/model.onnx", "bytes": 100}},
-        "verification": {"onnx": {"max_abs_diff": 1e-6, "top1_agreement": 1.0}},
+        "verification": {
+            "onnx": {"max_abs_diff": 1e-6, "top1_agreement": 1.0, "sqnr_db": 121.5, "criterion": "SQNR >= 80 dB"}
+        },
         "structure": {"physical": True, "removed_channels": {"conv1": 4}, "reason": None},
         "layers": [{"name": "conv1", "sparsity": 0.5, "rank": None, "weight_bits": 8}],
     }  # fmt: skip
     text = rep.markdown(report)
-    assert "| params | 100 | 25 | 0.250 |" in text and "| model.onnx | 100 | 1e-06 | 1.000 |" in text
+    assert "| params | 100 | 25 | 0.250 |" in text and "| model.onnx | 100 | 121.5 | 1e-06 | 1.000 |" in text
+    assert "`onnx` verified by: SQNR >= 80 dB." in text
     assert "| conv1 | 0.500 | — | 8 |" in text and "Channels removed physically: True" in text
 
 
