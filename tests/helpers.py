@@ -85,6 +85,29 @@ class Classifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), self.lr)
 
 
+class Attending(Classifier):
+    """A user's sequence classifier around ``nn.MultiheadAttention``."""
+
+    lr = 1e-2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 16)
+        self.attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+        self.example_input_array = torch.zeros(2, 6, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+def sequences(n: int = 48) -> TensorDataset:
+    """Sequences of 6 steps of 4 features for :class:`Attending`, in 3 classes."""
+    x = torch.randn(n, 6, 4, generator=torch.Generator().manual_seed(0))
+    return TensorDataset(x, (x.sum((1, 2)) > 0).long() + (x[:, 0, 0] > 0).long())
+
+
 def synthetic(n: int = 128, seed: int = 0, classes: int = 4) -> TensorDataset:
     """Learnable 8x8 images: the class sets which quadrant is bright."""
     g = torch.Generator().manual_seed(seed)

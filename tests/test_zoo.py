@@ -95,12 +95,12 @@ def build(family: str, size: int = 32) -> nn.Module:
         return mobilenetv3.MobileNetV3(setting, last, num_classes=k)
     if family == "mnasnet":
         return mnasnet.MNASNet(0.25, num_classes=k)
-    if family == "shufflenet":  # channel shuffle: removal used to crash, now keeps the masks
+    if family == "shufflenet":  # channel shuffle: removal used to crash, now keeps the masks (MASKS_KEPT)
         return shufflenetv2.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 128], num_classes=k)
     if family == "efficientnet":  # SiLU, squeeze-excitation, stochastic depth
         setting, last = efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.25, depth_mult=0.25)
         return efficientnet.EfficientNet(setting, 0.2, last_channel=last, num_classes=k)
-    if family == "regnet":  # grouped convs + SE: removal used to crash ("expected weight divisible by 2")
+    if family == "regnet":  # grouped convs + SE: removal crashed ("expected weight divisible by 2"), then kept masks
         params = regnet.BlockParams.from_init_params(depth=2, w_0=8, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25)
         return regnet.RegNet(params, num_classes=k)
     if family == "convnext":  # LayerNorm over channels, layer scale: int8 used to fail verification
@@ -125,10 +125,10 @@ def trained_like_head(model: nn.Module, head: nn.Module) -> nn.Module:
 
 FAMILIES = [
     "alexnet", "vgg", "resnet", "resnext", "densenet", "googlenet", "inception", "squeezenet", "mobilenet_v2",
-    "mobilenet_v3", "mnasnet", "shufflenet", "efficientnet", "regnet", "convnext", "vit", "swin",
+    "mobilenet_v3", "mnasnet", "shufflenet", "efficientnet", "regnet", "convnext", "vit", "swin", "maxvit",
 ]  # fmt: skip
-# MaxViT ("maxvit" above builds it) is in `make zoo-full` and benchmarks/zoo.py, not here: in one of three
-# suite runs its channel removal did not come back within the 30 s limit (not diagnosed yet, #14 note).
+# MaxViT was left out once: in one of three suite runs its export hung for more than 5 minutes. Torch-Pruning's
+# trace runs the forward under a bare `except:`, which swallowed the 30 s timeout; the timer now fires again.
 
 
 class Zoo(Classifier):
@@ -194,13 +194,27 @@ def compress(family: str, callbacks: list[pl.Callback], out: Any) -> tuple[Zoo, 
     return module, json.loads((out / "report.json").read_text())
 
 
+# The families whose pruned channels stay as masks (the report says why): Torch-Pruning cannot follow
+# ShuffleNet's channel shuffle (a reshape / transpose: the trace fails, or the removal it plans would
+# change the model and is undone) nor Swin's strided slicing (patch merging); MaxViT's removal takes longer
+# than the limit.
+# ResNeXt and RegNet (grouped convs) and DenseNet (concatenations) kept their masks before (#14).
+MASKS_KEPT = {
+    "shufflenet": ("could not trace the model", "changed the model"),
+    "swin": ("slices tensors",),
+    "maxvit": ("took more than 30 s",),  # the removal is abandoned at TRACE_SECONDS
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_channel_pruning_qat_and_export_verify_on_every_family(family, tmp_path):
     callbacks = [MagnitudePruning(0.5, pattern="channel", end_epoch=1), QuantizationAwareTraining(start_epoch=1)]
     module, report = compress(family, callbacks, tmp_path / "out")
     assert set(report["files"]) == {"checkpoint", "onnx", "onnx_int8"}
     assert all(check["passed"] for check in report["verification"].values()), report["verification"]
-    assert report["structure"]["physical"] or report["structure"]["reason"]  # removed, or why not
+    structure = report["structure"]
+    assert structure["physical"] == (family not in MASKS_KEPT), structure["reason"]  # removed, or why not
+    assert family not in MASKS_KEPT or any(why in structure["reason"] for why in MASKS_KEPT[family])
     fresh = restore(Zoo(family), tmp_path / "out" / "model.ckpt").eval()
     x = images(4, torch.Generator().manual_seed(3), SIZES.get(family, 32))
     assert torch.allclose(fresh(x), module.eval()(x), atol=1e-5)

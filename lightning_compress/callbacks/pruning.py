@@ -27,7 +27,14 @@ from lightning_compress.callbacks.base import (
     is_number,
 )
 from lightning_compress.core import pruning as core
-from lightning_compress.core.graph import coupled_layers, entangled_layers, find_bn_pairs
+from lightning_compress.core.graph import (
+    ChannelLink,
+    channel_links,
+    channel_segments,
+    coupled_layers,
+    entangled_layers,
+    find_bn_pairs,
+)
 from lightning_compress.core.layers import attention_internals, select_layers, unsupported_layers, weight_of
 from lightning_compress.core.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
@@ -141,6 +148,7 @@ class MagnitudePruning(CompressionCallback):
         self._bn_pairs: dict[str, str] | None = None
         self._couplings: list[list[str]] = []  # channel pattern: layers feeding one residual add share a mask
         self._entangled: set[str] = set()  # channel pattern: layers whose channels a LayerNorm / attention mixes
+        self._links: dict[str, list[ChannelLink]] = {}  # channel pattern: BatchNorms / grouped convs reached
         self._handles: list[RemovableHandle] = []
         self._stage = "fit"
 
@@ -209,7 +217,7 @@ class MagnitudePruning(CompressionCallback):
             self.update_masks(self.current_target)
 
     def _select(self, pl_module: nn.Module) -> dict[str, nn.Module]:
-        modules = select_layers(pl_module, self.include, self.exclude)
+        modules = core.select_prunable(pl_module, self.pattern, self.include, self.exclude)
         seen: set[int] = set()
         for name, module in list(modules.items()):  # a shared weight is pruned (and counted) once
             if id(weight_of(module)) in seen:
@@ -292,6 +300,7 @@ class MagnitudePruning(CompressionCallback):
                 rank_zero_info(f"MagnitudePruning leaves {name!r} out of channel pruning: {entangled[name]}")
             self._entangled = set(entangled) & set(self._modules)
             self._couplings = coupled_layers(pl_module, self._modules, example)
+            self._links = channel_links(pl_module, example)
         step = trainer.global_step
         if self.schedule is None or step == self.last_update_step or not self.schedule.is_update_step(step):
             return
@@ -302,14 +311,15 @@ class MagnitudePruning(CompressionCallback):
     def update_masks(self, target: float) -> None:
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
         weights = {name: weight_of(m) for name, m in self._modules.items() if name not in self._entangled}
-        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings)
+        found = {n: channel_segments(self._links.get(n, []), int(w.shape[0])) for n, w in weights.items()}
+        segments = {n: s for n, s in found.items() if s is not None}
+        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings, segments)
         if distributed():
             masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
         core.set_masks(self._modules, masks)
-        for layer, bn in (self._bn_pairs or {}).items():
-            if bn in self._bns and layer in masks and masks[layer].dim() == 1:
-                for buffer in (core.WEIGHT_MASK, core.BIAS_MASK):
-                    getattr(self._bns[bn], buffer).copy_(masks[layer])
+        for bn, keep in core.batchnorm_masks(masks, self._bn_pairs or {}, self._links, self._bns).items():
+            for buffer in (core.WEIGHT_MASK, core.BIAS_MASK):
+                getattr(self._bns[bn], buffer).copy_(keep)
         core.apply_masks(self._pairs if self._pairs[0] else self._mask_pairs())
         self.current_target = target
 
@@ -346,7 +356,7 @@ class MagnitudePruning(CompressionCallback):
         self._added = []
         self._modules = {}
         self._pairs = ([], [])
-        self._bns, self._bn_pairs, self._couplings, self._entangled = {}, None, [], set()
+        self._bns, self._bn_pairs, self._couplings, self._entangled, self._links = {}, None, [], set(), {}
         self.schedule = None
 
     @override
@@ -369,3 +379,4 @@ def _broadcast_mask(mask: Tensor) -> Tensor:
 def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
     """Every affine BatchNorm of ``model`` (masked along with the channel they follow, if any)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+

@@ -10,7 +10,10 @@ by module name (no tensors are kept):
 - ``reaches``: where a module's output goes when it passes only through ReLU / MaxPool / Flatten /
   Identity / Dropout modules (quantisation then lets one range serve both ends);
 - :meth:`ModelGraph.couplings`: groups of layers whose output channels are one set (they feed the
-  same residual add), from Torch-Pruning's dependency graph, traced once on first use.
+  same residual add), from Torch-Pruning's dependency graph, traced once on first use;
+- :meth:`ModelGraph.links`: where each layer's output channels land further on — in every BatchNorm
+  that normalises them (DenseNet's concatenations reach many) and in the inputs of grouped convolutions
+  (ResNeXt, RegNet), whose groups must each lose the same number of channels.
 
 :func:`analyze` caches the graph per model object and builds it again when the model's structure
 changes (module replacement through :mod:`lightning_compress.core.surgery` also calls
@@ -28,7 +31,7 @@ import signal
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +40,44 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_compress.core.layers import BN_TYPES, LAYER_TYPES, is_internal
+from lightning_compress.core.layers import BN_TYPES, LAYER_TYPES, is_internal, weight_of
 
 RANGE_PRESERVING_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChannelLink:
+    """Where a layer's output channels land in another module, as Torch-Pruning's dependency graph sees it.
+
+    Attributes:
+        target: the module's name.
+        kind: ``norm`` (a BatchNorm normalises them: a pruned channel must be masked there too, or the
+            BatchNorm turns its zeros into a constant) or ``grouped`` (they are inputs or outputs of a
+            grouped convolution, whose groups must each keep the same number of them).
+        index: ``{channel of the layer: channel of the target}``.
+        producers: every Conv/Linear layer that writes into these channels of the target (the layer and
+            the layers coupled to it, e.g. through a residual add): a channel there is zero only if it
+            is zero in all of them.
+        groups: for ``grouped``, the convolution's number of groups (its inputs, and its outputs, are that
+            many equal, contiguous segments).
+        channels: the target's number of channels (for ``grouped``, of the side the layer's channels reach).
+            Links whose numbering does not fit the layer and the target (Torch-Pruning's index mapping
+            through a reshape, e.g. ShuffleNet's channel shuffle) are left out.
+    """
+
+    target: str
+    kind: str
+    index: Mapping[int, int]
+    producers: tuple[str, ...]
+    groups: int = 1
+    channels: int = 0
+
+    def segment(self, channel: int) -> int:
+        """The grouped convolution's group that the layer's ``channel`` feeds."""
+        return self.index[channel] // (self.channels // self.groups)
 
 
 @dataclass
@@ -64,6 +99,7 @@ class ModelGraph:
     called: set[str] = field(default_factory=set)
     _couplings: list[list[str]] | None = None
     _entangled: dict[str, str] = field(default_factory=dict)
+    _links: dict[str, list[ChannelLink]] = field(default_factory=dict)
 
     def couplings(self, model: nn.Module, example: Any, layers: Mapping[str, nn.Module]) -> list[list[str]]:
         """Groups of ``layers`` whose output channels are one set (Torch-Pruning's dependency graph).
@@ -83,9 +119,15 @@ class ModelGraph:
         self._trace(model, example)
         return dict(self._entangled)
 
+    def links(self, model: nn.Module, example: Any) -> dict[str, list[ChannelLink]]:
+        """``{layer: [ChannelLink, ...]}``: the BatchNorms and grouped convolutions each Conv/Linear layer's
+        output channels reach, with the channel numbering there (traced with :meth:`couplings`)."""
+        self._trace(model, example)
+        return self._links
+
     def _trace(self, model: nn.Module, example: Any) -> None:
         if self._couplings is None:
-            self._couplings, self._entangled = _trace_couplings(model, example)
+            self._couplings, self._entangled, self._links = _trace_couplings(model, example)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ModelGraph] = weakref.WeakKeyDictionary()
@@ -128,6 +170,35 @@ def find_bn_pairs(model: nn.Module, layers: Mapping[str, nn.Module], example: An
 def coupled_layers(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) -> list[list[str]]:
     """Groups of ``layers`` whose output channels are one set (see :meth:`ModelGraph.couplings`)."""
     return analyze(model, example).couplings(model, example, layers)
+
+
+def channel_links(model: nn.Module, example: Any) -> dict[str, list[ChannelLink]]:
+    """``{layer: [ChannelLink, ...]}`` (see :meth:`ModelGraph.links`)."""
+    return analyze(model, example).links(model, example)
+
+
+def channel_segments(links: Sequence[ChannelLink], channels: int) -> list[int] | None:
+    """A segment number for each of a layer's ``channels`` such that keeping the same number of channels
+    in every segment keeps every grouped convolution they reach (``links``) removable, or ``None``: they
+    reach none, or reach them unevenly (then the removal keeps what cannot go evenly)."""
+    grouped = [link for link in links if link.kind == "grouped"]
+    if not grouped:
+        return None
+    keys = [
+        tuple((link.target, link.segment(i)) if i in link.index else None for link in grouped) for i in range(channels)
+    ]
+    number = {key: n for n, key in enumerate(dict.fromkeys(keys))}
+    segments = [number[key] for key in keys]
+    sizes = {segments.count(n) for n in number.values()}
+    return segments if len(sizes) == 1 else None
+
+
+def is_grouped(layer: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (ResNeXt's, RegNet's): its channels come in groups that
+    must keep equal sizes (a depthwise convolution's channels go one by one with their input's)."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or layer.groups == 1:
+        return False
+    return not layer.groups == layer.in_channels == layer.out_channels
 
 
 def entangled_layers(model: nn.Module, example: Any) -> dict[str, str]:
@@ -246,8 +317,10 @@ TRACE_SECONDS = 30.0  # a dependency trace (and the channel groups read off it) 
 
 @contextmanager
 def time_limit(seconds: float, what: str) -> Iterator[None]:
-    """Raise ``TimeoutError`` in the ``with`` block after ``seconds`` (a SIGALRM timer; where there is
-    none, in a thread other than the main one or on Windows, the block runs unbounded)."""
+    """Raise ``TimeoutError`` in the ``with`` block after ``seconds``, and again every second until the block
+    has left (code that swallows the first one, as Torch-Pruning's trace does with a bare ``except:``
+    around the model's forward, is stopped by the next). A SIGALRM timer; where there is none, in a
+    thread other than the main one or on Windows, the block runs unbounded."""
     usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     if not usable:
         yield
@@ -257,7 +330,7 @@ def time_limit(seconds: float, what: str) -> Iterator[None]:
         raise TimeoutError(f"{what} took more than {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
@@ -298,19 +371,25 @@ def dependency_graph(model: nn.Module, example: Any) -> Any:
 ENTANGLING_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
 
 
-def _trace_couplings(model: nn.Module, example: Any) -> tuple[list[list[str]], dict[str, str]]:
+def _trace_couplings(
+    model: nn.Module, example: Any
+) -> tuple[list[list[str]], dict[str, str], dict[str, list[ChannelLink]]]:
     try:
         with time_limit(TRACE_SECONDS, "Torch-Pruning's coupling trace"):
             return _couplings_of(model, dependency_graph(model, example))
     except Exception:  # untraceable, unbounded or too slow: no coupling known (each layer is pruned alone)
-        return [], {}
+        return [], {}, {}
 
 
-def _couplings_of(model: nn.Module, graph: Any) -> tuple[list[list[str]], dict[str, str]]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
-    names = {id(m): n for n, m in layers.items()}
+def _couplings_of(
+    model: nn.Module, graph: Any
+) -> tuple[list[list[str]], dict[str, str], dict[str, list[ChannelLink]]]:
+    modules = dict(model.named_modules())
+    layers = {name: m for name, m in modules.items() if isinstance(m, LAYER_TYPES)}
+    names = {id(m): n for n, m in modules.items()}
     parent = {n: n for n in layers}
     entangled: dict[str, str] = {}
+    links: dict[str, list[ChannelLink]] = {}
 
     def root(name: str) -> str:
         while parent[name] != name:
@@ -318,19 +397,43 @@ def _couplings_of(model: nn.Module, graph: Any) -> tuple[list[list[str]], dict[s
         return name
 
     for name, layer in layers.items():
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        depthwise = isinstance(layer, nn.Conv2d) and layer.groups != 1 and not is_grouped(layer)
+        if depthwise or layer not in graph.module2node:  # a depthwise conv goes with its input; unused
             continue
-        if layer not in graph.module2node:  # not used by forward
-            continue
-        group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=[0])
-        for dep, _ in group:
-            target = dep.target.module
+        channels = int(weight_of(layer).shape[0])
+        group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=list(range(channels)))
+        producers = tuple(
+            names[id(dep.target.module)] for dep, _ in group
+            if isinstance(dep.target.module, LAYER_TYPES) and _handler(dep) == "prune_out_channels"
+        )  # fmt: skip
+        for item in group:
+            dep, target = item.dep, item.dep.target.module
             other = names.get(id(target))
-            if other is not None and other != name and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+            if other is not None and other in layers and other != name and _handler(dep) == "prune_out_channels":
                 parent[root(other)] = root(name)
             if isinstance(target, ENTANGLING_TYPES):
                 entangled[name] = f"its channels reach a {type(target).__name__}, which mixes them"
+            index = {int(r): int(i) for r, i in zip(item.root_idxs, item.idxs, strict=True)}
+            if isinstance(target, BN_TYPES) and other is not None:
+                link = ChannelLink(other, "norm", index, producers, channels=_features(target))
+            elif other is not None and is_grouped(target):  # its inputs, or its outputs (coupled, or itself)
+                size = target.in_channels if _handler(dep) == "prune_in_channels" else target.out_channels
+                link = ChannelLink(other, "grouped", index, producers, target.groups, size)
+            else:
+                continue
+            if set(index) <= set(range(channels)) and set(index.values()) <= set(range(link.channels)):
+                links.setdefault(name, []).append(link)  # (through a channel shuffle the numbering is lost)
     groups: dict[str, list[str]] = {}
     for name in layers:
         groups.setdefault(root(name), []).append(name)
-    return [g for g in groups.values() if len(g) > 1], entangled
+    return [g for g in groups.values() if len(g) > 1], entangled, links
+
+
+def _handler(dep: Any) -> str:
+    return str(getattr(dep.handler, "__name__", ""))
+
+
+def _features(norm: nn.Module) -> int:
+    """A BatchNorm's number of channels (affine or not)."""
+    assert isinstance(norm, nn.modules.batchnorm._NormBase)
+    return int(norm.num_features)

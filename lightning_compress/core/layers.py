@@ -40,7 +40,10 @@ def is_internal(name: str, module: nn.Module) -> bool:
 
 def weight_of(module: nn.Module) -> Tensor:
     """The ``weight`` parameter of a Conv/Linear module: the stored one, also under a parametrization
-    (e.g. fake quantisation), where ``module.weight`` is computed from it."""
+    (e.g. fake quantisation), where ``module.weight`` is computed from it. For an
+    ``nn.MultiheadAttention``, its packed query/key/value projection ``in_proj_weight``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return cast(Tensor, module.in_proj_weight)
     if parametrize.is_parametrized(module, "weight"):
         return cast(Tensor, module.parametrizations.weight.original)  # type: ignore[union-attr]
     return cast(Tensor, module.weight)
@@ -75,6 +78,16 @@ ATTENTION_IN_FLOAT = (
 def attention_modules(model: nn.Module) -> list[str]:
     """Names of the ``nn.MultiheadAttention`` modules of ``model`` (their own projection is left in float)."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+
+
+def attention_projections(model: nn.Module) -> dict[str, nn.Module]:
+    """The ``nn.MultiheadAttention`` modules whose query/key/value projection is one packed parameter
+    (``in_proj_weight``, shape ``(3 * embed_dim, embed_dim)``, used like a Linear weight): unstructured and
+    N:M pruning mask it in place (attention reads it directly, so nothing else can reach it)."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None
+    }  # fmt: skip
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:

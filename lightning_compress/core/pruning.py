@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.core.graph import (
+    ChannelLink,
+    channel_links,
+    channel_segments,
+    coupled_layers,
+    entangled_layers,
+    find_bn_pairs,
+)
+from lightning_compress.core.layers import BN_TYPES, LAYER_TYPES, attention_projections, select_layers, weight_of
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
 SCOPES = ("global", "layer")
@@ -65,6 +73,18 @@ class Pattern:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
+
+
+def select_prunable(
+    model: nn.Module, pattern: Pattern, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> dict[str, nn.Module]:
+    """The layers ``pattern`` can prune, by name (see :func:`lightning_compress.core.layers.select_layers`):
+    every Conv/Linear and, for unstructured and N:M, every ``nn.MultiheadAttention``'s packed q/k/v
+    projection (``in_proj_weight``, masked like a Linear weight; channels of attention are not pruned)."""
+    types = LAYER_TYPES if pattern.kind == "channel" else (*LAYER_TYPES, nn.MultiheadAttention)
+    packed = attention_projections(model)
+    modules = select_layers(model, include, exclude, types=types)
+    return {n: m for n, m in modules.items() if not isinstance(m, nn.MultiheadAttention) or n in packed}
 
 
 def nm_incompatibility(module: nn.Module, pattern: Pattern) -> str | None:
@@ -124,6 +144,7 @@ def compute_masks(
     scope: str = "global",
     norm: str = "l1",
     couplings: Sequence[Sequence[str]] = (),
+    segments: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Tensor]:
     """Boolean keep-masks that prune ``target`` of the given weights by magnitude.
 
@@ -142,6 +163,10 @@ def compute_masks(
             convolutions feeding the same residual add, see
             :meth:`lightning_compress.core.graph.ModelGraph.couplings`): they share one mask, chosen by
             their summed (mean-normalised) channel scores, and count once towards the target.
+        segments: for ``channel``, ``{name: segment of each output channel}`` for layers whose channels
+            feed (or are) a grouped convolution (see :func:`lightning_compress.core.graph.channel_segments`):
+            every segment keeps the same number of channels, the strongest of each, so that the groups
+            stay equal and the channels can be removed.
 
     Returns:
         ``{name: bool mask}``: ``True`` keeps a weight. Channel masks have shape ``(out_channels,)``.
@@ -173,11 +198,28 @@ def compute_masks(
     else:
         flat_masks = _global_masks(scores, target)
     if pattern.kind == "channel":
-        for group in groups:
+        for group in [*groups, *([n] for n in flat_masks if not any(n in g for g in groups))]:
+            segment = next((segments[n] for n in group if segments and n in segments), None)
+            if segment is not None:
+                flat_masks[group[0]] = _balanced(flat_masks[group[0]], scores[group[0]], segment)
             for name in group[1:]:
                 flat_masks[name] = flat_masks[group[0]].clone()
         return flat_masks
     return {name: flat_masks[name].reshape(w.shape) for name, w in weights.items()}
+
+
+def _balanced(mask: Tensor, scores: Tensor, segment: Sequence[int]) -> Tensor:
+    """``mask`` with the same number of channels kept in every segment (about as many in all), the
+    highest-scoring ones of each."""
+    ids = torch.as_tensor(list(segment))
+    count = int(ids.max()) + 1
+    size = mask.numel() // count
+    per = min(size, max(1, round(int(mask.sum()) / count)))
+    balanced = torch.zeros_like(mask)
+    for part in range(count):
+        members = (ids == part).nonzero().flatten()
+        balanced[members[scores[members].topk(per).indices]] = True
+    return balanced
 
 
 def _kept(numel: int, target: float, pattern: Pattern) -> int:
@@ -261,6 +303,43 @@ def set_masks(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> 
             weight_mask.copy_(mask)
 
 
+def batchnorm_masks(
+    masks: Mapping[str, Tensor],
+    pairs: Mapping[str, str],
+    links: Mapping[str, Sequence[ChannelLink]],
+    bns: Mapping[str, nn.Module],
+) -> dict[str, Tensor]:
+    """The channel masks of the BatchNorms (``bns``, with masks attached) that pruned channels reach.
+
+    A BatchNorm turns a zero channel into the constant ``beta - gamma * mean / std``, so a pruned channel is
+    masked in the BatchNorm right after its layer (``pairs``, see
+    :func:`lightning_compress.core.graph.find_bn_pairs`) and in every BatchNorm further on that normalises
+    it (``links``, see :func:`lightning_compress.core.graph.channel_links`: DenseNet's concatenations reach
+    the next layers' BatchNorms), where every layer producing the channel there is pruned in ``masks``.
+
+    Args:
+        masks: channel masks ``{layer: (out_channels,) bool}``; other masks are ignored.
+
+    Returns:
+        ``{BatchNorm name: (num_features,) bool keep-mask}`` for the BatchNorms reached.
+    """
+    keep: dict[str, Tensor] = {}
+    for layer, bn in pairs.items():
+        if bn in bns and layer in masks and masks[layer].dim() == 1:
+            keep[bn] = masks[layer].clone()
+    for layer, reached in links.items():
+        mask = masks.get(layer)
+        if mask is None or mask.dim() != 1:
+            continue
+        for link in reached:
+            if link.kind != "norm" or link.target not in bns or not set(link.producers) <= set(masks):
+                continue
+            current = keep.setdefault(link.target, torch.ones_like(getattr(bns[link.target], WEIGHT_MASK)))
+            source, dest = torch.tensor(list(link.index)), torch.tensor(list(link.index.values()))
+            current[dest] &= mask[source]
+    return keep
+
+
 def mask_pairs(modules: Iterable[nn.Module]) -> tuple[list[Tensor], list[Tensor]]:
     """The (parameters, masks) to multiply, for :func:`apply_masks`; valid while the modules keep them."""
     tensors: list[Tensor] = []
@@ -333,6 +412,7 @@ def prune(
     norm: str = "l1",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    example: Any = None,
 ) -> dict[str, Tensor]:
     """One-shot magnitude pruning of ``model`` in place: attach masks, compute them, zero the weights.
 
@@ -344,6 +424,11 @@ def prune(
         norm: channel score, ``l1`` or ``l2``.
         include: module-name patterns to prune (default every Conv and Linear).
         exclude: module-name patterns to leave alone.
+        example: for ``channel``, an input batch: with it the channels are pruned as
+            :class:`~lightning_compress.MagnitudePruning` prunes them, so that they can be removed
+            (layers feeding one residual add share a mask, grouped convolutions keep equal groups, the
+            BatchNorms the channels reach are masked too, layers whose channels a LayerNorm or attention
+            mixes are left alone).
 
     Returns:
         The masks, ``{module name: bool mask}``.
@@ -352,7 +437,7 @@ def prune(
         CompressionConfigError: no layer selected, or a selected layer cannot take the pattern.
     """
     parsed = Pattern.parse(pattern)
-    modules = select_layers(model, include, exclude)
+    modules = select_prunable(model, parsed, include, exclude)
     if not modules:
         raise CompressionConfigError("no Conv/Linear layer selected for pruning; check `include`/`exclude`")
     if parsed.kind == "n:m":
@@ -360,8 +445,28 @@ def prune(
             reason = nm_incompatibility(module, parsed)
             if reason:
                 raise incompatible_layer_error(name, parsed, reason)
+    couplings: list[list[str]] = []
+    segments: dict[str, list[int]] = {}
+    links: dict[str, list[ChannelLink]] = {}
+    if parsed.kind == "channel" and example is not None:
+        modules = {n: m for n, m in modules.items() if n not in entangled_layers(model, example)}
+        couplings = coupled_layers(model, modules, example)
+        links = channel_links(model, example)
+        for name, module in modules.items():
+            segment = channel_segments(links.get(name, []), int(weight_of(module).shape[0]))
+            if segment is not None:
+                segments[name] = segment
     attach_masks(modules, with_bias=parsed.kind == "channel")
-    masks = compute_masks({n: weight_of(m) for n, m in modules.items()}, target, parsed, scope, norm)
+    weights = {n: weight_of(m) for n, m in modules.items()}
+    masks = compute_masks(weights, target, parsed, scope, norm, couplings, segments)
     set_masks(modules, masks)
+    if parsed.kind == "channel" and example is not None:
+        bns = {n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES) and m.affine}
+        attach_masks(bns, with_bias=True)
+        pairs = find_bn_pairs(model, modules, example)
+        for name, keep in batchnorm_masks(masks, pairs, links, bns).items():
+            for buffer in (WEIGHT_MASK, BIAS_MASK):
+                getattr(bns[name], buffer).copy_(keep)
+        modules = {**modules, **bns}
     apply_masks(modules.values())
     return masks

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.distillation import logits_of
-from lightning_compress.core.graph import TRACE_SECONDS, dependency_graph, prune_out_fn, time_limit
+from lightning_compress.core.graph import TRACE_SECONDS, dependency_graph, is_grouped, prune_out_fn, time_limit
 from lightning_compress.core.layers import select_layers, weight_of
 
 
@@ -98,7 +98,8 @@ def _remove(
 ) -> None:
     names = {id(m): n for n, m in layers.items()}
     for name, layer in layers.items():
-        if name in keep or (isinstance(layer, nn.Conv2d) and layer.groups != 1) or layer not in graph.module2node:
+        depthwise = isinstance(layer, nn.Conv2d) and layer.groups != 1 and not is_grouped(layer)
+        if name in keep or depthwise or layer not in graph.module2node:  # a depthwise conv goes with its input
             continue
         idxs = set(zero_channels(layer))
         group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=sorted(idxs)) if idxs else None
@@ -122,13 +123,65 @@ def _remove(
             group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=sorted(idxs)) if idxs else None
         elif excess:
             idxs = set()
+        while idxs and group is not None:  # grouped convs reached: every one of their groups loses as many
+            even = _even(group, idxs)
+            if even == idxs:
+                break
+            idxs = even
+            group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=sorted(idxs)) if idxs else None
         if idxs and group is not None and graph.check_pruning_group(group):
             for dep, dep_idxs in group:  # every producer whose outputs go, in its current numbering
                 target = names.get(id(dep.target.module))
                 if target is not None and getattr(dep.handler, "__name__", "") == "prune_out_channels":
                     _record(info["removed_indices"], target, [int(i) for i in dep_idxs])
-            group.prune()
+            _prune(group)
             info["removed_channels"][name] = len(idxs)
+
+
+def _even(group: Any, idxs: set[int]) -> set[int]:
+    """The channels of ``idxs`` (the root layer's) that can go with every grouped convolution in ``group``
+    keeping equal groups: in each, as many leave every group as leave the group that loses fewest."""
+    even = set(idxs)
+    for item in group:
+        conv, handler = item.dep.target.module, getattr(item.dep.handler, "__name__", "")
+        if not is_grouped(conv):
+            continue
+        size = (conv.in_channels if handler == "prune_in_channels" else conv.out_channels) // conv.groups
+        by_group: dict[int, list[int]] = {g: [] for g in range(conv.groups)}
+        for root, index in zip(item.root_idxs, item.idxs, strict=True):
+            by_group[int(index) // size].append(int(root))
+        fewest = min(len(members) for members in by_group.values())
+        even &= {root for members in by_group.values() for root in sorted(members)[:fewest]}
+    return even
+
+
+def _prune(group: Any) -> None:
+    """Torch-Pruning's ``group.prune()``, except for the inputs of grouped convolutions, whose weights it
+    slices as if every group lost the same positions (:func:`_prune_grouped_inputs` does it per group)."""
+    items = list(group)
+    grouped = [i for i in items if is_grouped(i.dep.target.module) and i.dep.handler.__name__ == "prune_in_channels"]
+    if not grouped:
+        group.prune()
+        return
+    for dep, dep_idxs in items:
+        if any(dep is item.dep for item in grouped):
+            _prune_grouped_inputs(dep.target.module, [int(i) for i in dep_idxs])
+        elif isinstance(dep.target.module, nn.Parameter):
+            raise RuntimeError("a pruning group with a bare parameter and a grouped convolution is not supported")
+        else:
+            dep(dep_idxs)
+
+
+def _prune_grouped_inputs(conv: nn.modules.conv._ConvNd, idxs: list[int]) -> None:
+    """Remove input channels ``idxs`` (the same number from each group) of a grouped convolution."""
+    per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    gone = set(idxs)
+    rows = []
+    for g in range(conv.groups):
+        kept = [i - g * per_in for i in range(g * per_in, (g + 1) * per_in) if i not in gone]
+        rows.append(conv.weight.data[g * per_out : (g + 1) * per_out][:, kept])
+    conv.weight = nn.Parameter(torch.cat(rows), requires_grad=bool(conv.weight.requires_grad))
+    conv.in_channels -= len(gone)
 
 
 def _changed(model: nn.Module, example_input: Tensor, reference: Tensor) -> str | None:

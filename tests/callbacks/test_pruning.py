@@ -323,3 +323,67 @@ def test_frozen_layers_stay_as_frozen_unless_named():
     named_pruning = MagnitudePruning(0.5, end_epoch=1, include=["net.conv2", "net.fc1"], scope="layer")
     fit([named_pruning], module=named, max_epochs=1)
     assert float((named.net.conv2.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+class DenseModule(TinyModule):
+    """DenseNet's pattern around a user's module: a layer's channels reach a later BatchNorm through a
+    concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.grow = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x, *, scale=1.0):
+        h = self.stem(x)
+        h = torch.relu(self.norm(torch.cat([h, self.grow(h)], 1)))
+        return self.head(h.mean((2, 3))) * scale
+
+
+def test_channel_pattern_masks_the_batchnorms_a_concatenation_reaches():
+    # Regression (#14): only the BatchNorm right after a layer was masked; DenseNet's later BatchNorms
+    # turned a pruned channel's zeros into constants, so removing the channel changed the model.
+    from lightning_compress.deploy.onnx import float_copy
+    from lightning_compress.deploy.shrink import max_abs_diff, remove_zero_channels
+
+    pruning = MagnitudePruning(final_sparsity=0.5, pattern="channel", scope="layer", end_epoch=1)
+    _, module = fit([pruning], module=DenseModule(), max_epochs=2)
+    dead = torch.cat([~m.weight_mask.flatten(1).any(1) for m in (module.stem, module.grow)])
+    assert int(dead.sum()) == 8 and (module.norm.weight[dead] == 0).all() and (module.norm.bias[dead] == 0).all()
+    assert (module.norm.weight[~dead] != 0).all()
+    x = loaders()[1].dataset.tensors[0][:16]
+    smaller, info = remove_zero_channels(float_copy(module), x)
+    assert sum(info["removed_channels"].values()) == 8, info.get("reason")
+    assert max_abs_diff(float_copy(module), smaller, x) < 1e-5
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_attention_projections_are_pruned_exported_and_restored(pattern, tmp_path):
+    # #14: nn.MultiheadAttention's packed q/k/v projection (`in_proj_weight`, a bare parameter) was never
+    # pruned: only its `out_proj` (a Linear) was.
+    from torch.utils.data import DataLoader
+
+    from lightning_compress import CompressionExport, restore
+    from tests.helpers import Attending, sequences
+
+    data = sequences()
+    pruning = MagnitudePruning(0.5, pattern=pattern, end_epoch=1)
+    module = Attending()
+    export = CompressionExport(tmp_path, plots=False, val_batches=1)
+    fit_loaders = DataLoader(data, batch_size=16), DataLoader(data, batch_size=48)
+    trainer(callbacks=[pruning, export], max_epochs=2).fit(module, *fit_loaders)
+    assert hasattr(module.attention, "weight_mask")  # masks stay on the model after fit
+    projection = module.attention.in_proj_weight.detach()
+    assert float((projection == 0).float().mean()) == pytest.approx(0.5, abs=0.1)
+    if pattern == "2:4":
+        assert ((projection.reshape(-1, 4) == 0).sum(1) == 2).all()
+    import json
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values())
+    fresh = restore(Attending(), tmp_path / "model.ckpt").eval()
+    x = data.tensors[0][:8]
+    assert torch.equal(fresh.attention.in_proj_weight == 0, projection == 0)
+    assert torch.allclose(fresh(x), module.eval()(x), atol=1e-6)

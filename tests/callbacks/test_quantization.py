@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_compress import CompressionConfigError, MagnitudePruning, QuantizationAwareTraining, export_onnx
 from lightning_compress.core import quantization as q
 from lightning_compress.core.layers import select_layers, weight_of
-from tests.helpers import Classifier, TinyModule, fit, loaders, logged_metrics, trainer
+from tests.helpers import Attending, TinyModule, fit, loaders, logged_metrics, sequences, trainer
 
 
 class PhaseProbe(pl.Callback):
@@ -129,31 +129,12 @@ def test_ddp_observer_ranges_identical_on_both_ranks(ddp_run):
     assert rank0["bypassed"] == ["net.conv2.0.output_quant", "net.fc1.0.output_quant"]  # the next factor's input
 
 
-class Attending(Classifier):
-    """A user's sequence classifier around ``nn.MultiheadAttention``."""
-
-    lr = 1e-2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Linear(4, 16)
-        self.attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = torch.nn.Linear(16, 3)
-        self.example_input_array = torch.zeros(2, 6, 4)
-
-    def forward(self, x):
-        h = self.embed(x)
-        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
-
-
 def test_attention_is_stated_as_left_in_float_at_setup_and_the_int8_file_verifies(tmp_path):
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from lightning_compress import CompressionExport
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 6, 4, generator=g)
-    data = TensorDataset(x, (x.sum((1, 2)) > 0).long() + (x[:, 0, 0] > 0).long())
+    data = sequences()
     export = CompressionExport(tmp_path, plots=False, val_batches=1)
     with pytest.warns(UserWarning) as caught:
         trainer(callbacks=[QuantizationAwareTraining(start_epoch=1), export], max_epochs=2).fit(

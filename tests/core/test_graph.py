@@ -85,6 +85,29 @@ def test_a_trace_that_takes_too_long_is_abandoned():
     time.sleep(0.05)
 
 
+def test_a_trace_that_swallows_the_timeout_is_stopped_all_the_same():
+    # Regression (#14): Torch-Pruning's trace runs the model's forward under a bare `except:` (and runs
+    # it again there): a timeout raised during that forward was swallowed, and a MaxViT export hung for
+    # more than 5 minutes past the 30 s limit.
+    import time
+
+    swallowed = []
+
+    def forward() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError), graph.time_limit(0.2, "the trace"):
+        try:  # Torch-Pruning's `build_dependency`
+            forward()
+        except:  # noqa: E722 (what the library does)
+            swallowed.append(1)
+            forward()
+    assert swallowed and time.monotonic() - started < 5
+
+
 def test_strided_slicing_is_not_traced_so_couplings_fall_back_to_none():
     class Merging(nn.Module):  # Swin's patch merging: strided slices, concatenated
         def __init__(self) -> None:
@@ -100,3 +123,40 @@ def test_strided_slicing_is_not_traced_so_couplings_fall_back_to_none():
     with pytest.raises(RuntimeError, match="slices tensors"):
         graph.dependency_graph(model, x)
     assert coupled_layers(model, select_layers(model), x) == [] and graph.entangled_layers(model, x) == {}
+
+
+class Dense(nn.Module):
+    """DenseNet's pattern: each layer's channels are concatenated to the input of every later one, which
+    normalises them with a BatchNorm first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grow = nn.Conv2d(8, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(self.norm(torch.cat([h, self.grow(h)], 1)))).mean((2, 3))
+
+
+def test_links_follow_a_concatenation_to_the_batchnorm_that_normalises_it():
+    model, x = Dense().eval(), torch.randn(2, 3, 8, 8)
+    links = graph.channel_links(model, x)
+    (grow,) = links["grow"]
+    assert (grow.target, grow.kind, grow.producers) == ("norm", "norm", ("grow",))
+    assert dict(grow.index) == {0: 8, 1: 9, 2: 10, 3: 11}  # after the stem's 8 channels
+    assert {link.target: dict(link.index)[0] for link in links["stem"]} == {"norm": 0}
+
+
+def test_links_and_segments_of_a_grouped_convolution():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3, groups=2), nn.Conv2d(6, 4, 1))
+    x = torch.randn(2, 3, 8, 8)
+    links = graph.channel_links(model, x)
+    grouped = next(link for link in links["0"] if link.kind == "grouped")
+    assert (grouped.target, grouped.groups, grouped.channels) == ("2", 2, 8)
+    assert graph.channel_segments(links["0"], 8) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert graph.channel_segments(links["2"], 6) == [0, 0, 0, 1, 1, 1]  # its own outputs, in 2 groups
+    assert graph.channel_segments(links.get("3", []), 4) is None and graph.is_grouped(model[2])
+    assert not graph.is_grouped(nn.Conv2d(8, 8, 3, groups=8))  # depthwise channels go one by one

@@ -201,3 +201,16 @@ def test_global_unstructured_pruning_never_empties_a_small_magnitude_layer():
     assert sum(int(m.sum()) for m in masks.values()) == (64 * 64 + 128) // 2  # the target still holds
     kept = weights["body"][masks["body"]].abs()
     assert kept.min() >= weights["body"][~masks["body"]].abs().max()  # the rest by one threshold
+
+
+def test_channel_segments_keep_the_same_number_in_every_group():
+    # Regression (#14): ResNeXt / RegNet channels feeding a grouped conv were pruned unevenly across its
+    # groups, so they could not be removed.
+    torch.manual_seed(0)
+    weight = torch.randn(16, 4) * torch.linspace(0.1, 2.0, 16)[:, None]  # the strongest all in the second half
+    masks = compute_masks({"a": weight}, 0.5, "channel", "layer", segments={"a": [0] * 8 + [1] * 8})
+    assert masks["a"][:8].sum() == masks["a"][8:].sum() == 4
+    uneven = compute_masks({"a": weight}, 0.5, "channel", "layer")["a"]
+    assert uneven[:8].sum() != uneven[8:].sum()
+    kept = masks["a"][:8].nonzero().flatten()  # the strongest of each group
+    assert torch.equal(kept, weight[:8].abs().sum(1).topk(4).indices.sort().values)

@@ -91,3 +91,35 @@ def test_physical_removal_never_changes_the_function(family):
     smaller, info = remove_zero_channels(model, x)
     assert max_abs_diff(model, smaller, x) <= 1e-4 * max(1.0, float(model(x).abs().max()))
     assert info["traced"] or "the masks are kept instead" in info["reason"]
+
+
+@pytest.mark.parametrize("family", ["resnext", "regnet", "densenet"])
+def test_grouped_convs_and_concatenations_shrink_without_changing_the_function(family):
+    # Regression (#14): the removal crashed on grouped convs (ResNeXt: "INDICES element is out of DATA
+    # bounds"; RegNet: "expected weight to be divisible by 2") and changed DenseNet's outputs by 0.14 (a
+    # pruned channel reaches the later layers' BatchNorms, which turned its zeros into constants), so
+    # the masks were kept and nothing got smaller.
+    from tests.test_zoo import build
+
+    torch.manual_seed(0)
+    model, x = build(family).eval(), torch.randn(4, 3, 32, 32)
+    P.prune(model, 0.5, "channel", exclude=[list(P.select_layers(model))[-1]], example=x)
+    P.fold_masks(model)
+    smaller, info = remove_zero_channels(model, x)
+    assert info["traced"] and info["removed_channels"], info.get("reason")
+    assert info["params_after"] < 0.6 * info["params_before"]
+    assert max_abs_diff(model, smaller, x) <= 1e-4 * max(1.0, float(model(x).abs().max()))
+    grouped = [m for m in smaller.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels]
+    assert family == "densenet" or grouped  # still grouped, each group smaller
+
+
+def test_a_grouped_convolution_loses_its_inputs_group_by_group():
+    conv = torch.nn.Conv2d(8, 4, 3, groups=2, bias=False)
+    x = torch.randn(2, 8, 5, 5)
+    x[:, [1, 6]] = 0  # one input of each group, at different positions in their groups
+    from lightning_compress.deploy.shrink import _prune_grouped_inputs
+
+    reference = conv(x)
+    _prune_grouped_inputs(conv, [1, 6])
+    assert conv.in_channels == 6 and conv.weight.shape == (4, 3, 3, 3)
+    assert torch.allclose(conv(x[:, [0, 2, 3, 4, 5, 7]]), reference, atol=1e-6)
