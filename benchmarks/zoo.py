@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import CompressionExport, LowRankFactorization, MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.core.calibration import recalibrate_batchnorm
+from lightning_compress.vision.models import torchvision_model
 
 MODELS = [
     "alexnet", "vgg11_bn", "resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5",
@@ -55,16 +56,7 @@ class Wrapped(pl.LightningModule):
 
     def __init__(self, name: str, size: int) -> None:
         super().__init__()
-        import torchvision
-
-        extra: dict[str, Any] = {}
-        if name in ("googlenet", "inception_v3"):
-            extra = {"aux_logits": False, "init_weights": True}
-        elif name.startswith("vit_"):
-            extra = {"image_size": size}
-        elif name.startswith("maxvit_"):
-            extra = {"input_size": (size, size)}
-        self.net = torchvision.models.get_model(name, weights=None, num_classes=10, **extra)
+        self.net = torchvision_model(name, 10, size)
         self.example_input_array = torch.zeros(2, 3, size, size)
 
     def forward(self, x: torch.Tensor) -> Any:

@@ -90,11 +90,12 @@ class Attending(Classifier):
 
     lr = 1e-2
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.embed = torch.nn.Linear(4, 16)
-        self.attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = torch.nn.Linear(16, 3)
+        self.save_hyperparameters()
+        self.embed = torch.nn.Linear(4, width)
+        self.attention = torch.nn.MultiheadAttention(width, 2, batch_first=True)
+        self.head = torch.nn.Linear(width, 3)
         self.example_input_array = torch.zeros(2, 6, 4)
 
     def forward(self, x):

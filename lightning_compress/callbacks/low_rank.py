@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import CompressionCallback, batch_input, check_names, check_strategy
 from lightning_compress.callbacks.replace import notify, replace_modules
 from lightning_compress.core import low_rank as core
-from lightning_compress.core.layers import select_layers
+from lightning_compress.core.layers import matches, select_layers
 from lightning_compress.errors import CompressionConfigError, config_error
 
 DEFAULT_RATIO = 0.5
@@ -109,7 +109,13 @@ class LowRankFactorization(CompressionCallback):
         self._hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading)
 
     def _check_selection(self, pl_module: nn.Module) -> None:
-        layers = select_layers(pl_module, self.include, self.exclude)
+        exposable = [f"{name}.in_proj" for name in core.attention_to_expose(pl_module, self.include, self.exclude)]
+        include = self.include  # a pattern for an attention's `in_proj` names a layer that exposing it creates
+        if include is not None and exposable:
+            include = [p for p in include if not any(matches(n, [p]) for n in exposable)] or None
+            if include is None:
+                return
+        layers = select_layers(pl_module, include, self.exclude)
         if not layers:
             raise CompressionConfigError(
                 f"LowRankFactorization selected no Linear/Conv2d layer of {type(pl_module).__name__} "
@@ -124,7 +130,8 @@ class LowRankFactorization(CompressionCallback):
         rebuilt = core.rebuild(module, local)
         trainer = self._trainer() if self._trainer is not None else None
         if rebuilt and trainer is not None and isinstance(module, pl.LightningModule):
-            self.factorized.update({name: core.describe(new).to_dict() for name, (_, new) in rebuilt.items()})
+            factorised = {name: new for name, (_, new) in rebuilt.items() if isinstance(new, core.LowRank)}
+            self.factorized.update({name: core.describe(new).to_dict() for name, new in factorised.items()})
             notify(trainer, module, rebuilt)  # masks and fake-quant for the new layers, before their keys load
 
     # -- the factorisation ---------------------------------------------------------------------------
@@ -138,6 +145,13 @@ class LowRankFactorization(CompressionCallback):
                                if isinstance(m, core.LowRank)}  # fmt: skip
             return
         example = self._example if self._example is not None else pl_module.example_input_array
+        exposed = core.attention_to_expose(pl_module, self.include, self.exclude)
+        if exposed:  # attention's projections become layers that are called, and can be factorised
+            replace_modules(trainer, pl_module, exposed)
+            rank_zero_info(
+                f"LowRankFactorization exposes the projections of {sorted(exposed)} (nn.MultiheadAttention -> "
+                "ProjectedAttention, the same function with in_proj / out_proj as layers)"
+            )
         chosen, self.skipped = core.plan(
             pl_module, self.rank, self.ratio, self.energy, self.conv_method, self.include, self.exclude,
             example=example if isinstance(example, Tensor) else None,

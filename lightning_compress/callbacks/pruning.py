@@ -26,15 +26,8 @@ from lightning_compress.callbacks.base import (
     distributed,
     is_number,
 )
+from lightning_compress.core import graph
 from lightning_compress.core import pruning as core
-from lightning_compress.core.graph import (
-    ChannelLink,
-    channel_links,
-    channel_segments,
-    coupled_layers,
-    entangled_layers,
-    find_bn_pairs,
-)
 from lightning_compress.core.layers import attention_internals, select_layers, unsupported_layers, weight_of
 from lightning_compress.core.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
@@ -148,7 +141,7 @@ class MagnitudePruning(CompressionCallback):
         self._bn_pairs: dict[str, str] | None = None
         self._couplings: list[list[str]] = []  # channel pattern: layers feeding one residual add share a mask
         self._entangled: set[str] = set()  # channel pattern: layers whose channels a LayerNorm / attention mixes
-        self._links: dict[str, list[ChannelLink]] = {}  # channel pattern: BatchNorms / grouped convs reached
+        self._links: dict[str, list[graph.ChannelLink]] = {}  # channel pattern: BatchNorms / grouped convs reached
         self._handles: list[RemovableHandle] = []
         self._stage = "fit"
 
@@ -294,13 +287,13 @@ class MagnitudePruning(CompressionCallback):
     ) -> None:
         if self.pattern.kind == "channel" and self._bn_pairs is None:  # once a real batch is at hand
             example = batch_input(batch)[:2]
-            self._bn_pairs = find_bn_pairs(pl_module, self._modules, example) if self._bns else {}
-            entangled = entangled_layers(pl_module, example)
+            self._bn_pairs = graph.find_bn_pairs(pl_module, self._modules, example) if self._bns else {}
+            entangled = graph.entangled_layers(pl_module, example)
             for name in sorted(set(entangled) & set(self._modules) - self._entangled):
                 rank_zero_info(f"MagnitudePruning leaves {name!r} out of channel pruning: {entangled[name]}")
             self._entangled = set(entangled) & set(self._modules)
-            self._couplings = coupled_layers(pl_module, self._modules, example)
-            self._links = channel_links(pl_module, example)
+            self._couplings = graph.coupled_layers(pl_module, self._modules, example)
+            self._links = graph.channel_links(pl_module, example)
         step = trainer.global_step
         if self.schedule is None or step == self.last_update_step or not self.schedule.is_update_step(step):
             return
@@ -311,7 +304,7 @@ class MagnitudePruning(CompressionCallback):
     def update_masks(self, target: float) -> None:
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
         weights = {name: weight_of(m) for name, m in self._modules.items() if name not in self._entangled}
-        found = {n: channel_segments(self._links.get(n, []), int(w.shape[0])) for n, w in weights.items()}
+        found = {n: graph.channel_segments(self._links.get(n, []), int(w.shape[0])) for n, w in weights.items()}
         segments = {n: s for n, s in found.items() if s is not None}
         masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings, segments)
         if distributed():

@@ -21,7 +21,9 @@ from lightning_compress.callbacks.base import (
     check_names,
     check_strategy,
 )
+from lightning_compress.callbacks.replace import notify
 from lightning_compress.core import quantization as core
+from lightning_compress.core.attention import expose_attention
 from lightning_compress.core.graph import find_bn_pairs
 from lightning_compress.core.layers import (
     ATTENTION_IN_FLOAT,
@@ -29,6 +31,7 @@ from lightning_compress.core.layers import (
     attention_modules,
     unsupported_layers,
 )
+from lightning_compress.core.surgery import swap_modules
 from lightning_compress.deploy.restore import QUANTIZATION_KIND
 from lightning_compress.errors import config_error
 
@@ -117,6 +120,14 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, type(self).__name__)
+        exposed = expose_attention(pl_module, self.include, self.exclude)
+        if exposed:  # the same function, with attention's projections as layers that fake quantisation reaches
+            old = swap_modules(pl_module, exposed)
+            notify(trainer, pl_module, {name: (old[name], new) for name, new in exposed.items()})
+            rank_zero_info(
+                f"QuantizationAwareTraining exposes the projections of {sorted(exposed)} to quantise them "
+                "(nn.MultiheadAttention -> ProjectedAttention: the same function, in_proj / out_proj as layers)"
+            )
         core.attach(pl_module, self.config, self.include, self.exclude)
         self._linked = False
         self._folded_bns = []

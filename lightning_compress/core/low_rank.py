@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.attention import ProjectedAttention, expose_attention, exposed_names
 from lightning_compress.core.graph import analyze
 from lightning_compress.core.layers import LAYER_TYPES, attention_internals, select_layers, shared_weights, weight_of
 from lightning_compress.core.surgery import swap_modules
@@ -335,6 +336,15 @@ def plan(
     return chosen, skipped
 
 
+def attention_to_expose(
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> dict[str, ProjectedAttention]:
+    """``{name: ProjectedAttention}`` for the trainable ``nn.MultiheadAttention`` modules whose projections the
+    selection reaches (:func:`lightning_compress.core.attention.expose_attention`): the same function with
+    ``in_proj`` and ``out_proj`` as called layers, which can be factorised. Swap them in before :func:`plan`."""
+    return expose_attention(model, include, exclude, trainable_only=True)
+
+
 def default_skips(model: nn.Module) -> dict[str, str]:
     """``{name: why}`` of the layers the default selection (no ``include``) leaves alone: the classifier
     (the model's last Conv/Linear: its outputs are the classes) and layers of fan-in below
@@ -370,14 +380,21 @@ def describe(new: Any) -> Factorization:
     return Factorization(kind, ranks, before, _count(new))
 
 
-def rebuild(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, tuple[nn.Module, LowRank]]:
+def rebuild(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, tuple[nn.Module, nn.Module]]:
     """Recreate, in ``model``, every factorised layer that ``state_dict`` holds (from its keys and shapes).
 
-    A layer ``name`` that is a Linear/Conv2d in ``model`` but has ``name.0.weight`` (or, fake-quantised,
-    ``name.0.parametrizations.weight.original``) in the state dict becomes a :class:`LowRank` of the
-    same kind and ranks, ready for ``load_state_dict``. Returns ``{name: (old layer, new module)}``.
+    An ``nn.MultiheadAttention`` ``name`` with ``name.in_proj.*`` keys becomes a :class:`ProjectedAttention`
+    first (its projections were exposed to be factorised). A layer ``name`` that is a Linear/Conv2d in
+    ``model`` but has ``name.0.weight`` (or, fake-quantised, ``name.0.parametrizations.weight.original``)
+    in the state dict becomes a :class:`LowRank` of the same kind and ranks, ready for ``load_state_dict``.
+    Returns ``{name: (old module, new module)}``.
     """
-    rebuilt: dict[str, tuple[nn.Module, LowRank]] = {}
+    rebuilt: dict[str, tuple[nn.Module, nn.Module]] = {}
+    modules = dict(model.named_modules())
+    exposed = {name: ProjectedAttention.from_attention(modules[name]) for name in exposed_names(model, state_dict)}
+    if exposed:
+        old = swap_modules(model, exposed)
+        rebuilt.update({name: (old[name], new) for name, new in exposed.items()})
     layer: Any
     for name, layer in select_layers(model).items():
         shapes = []

@@ -181,6 +181,22 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def torchvision_model(name: str, num_classes: int = 10, size: int = 224) -> nn.Module:
+    """Any torchvision classification model by name (``torchvision.models.list_models``), random weights
+    (nothing is downloaded), built for ``size``-pixel inputs: without GoogLeNet's / Inception's auxiliary
+    heads, and with ViT's and MaxViT's input size set."""
+    import torchvision
+
+    extra: dict[str, Any] = {}
+    if name in ("googlenet", "inception_v3"):
+        extra = {"aux_logits": False, "init_weights": True}
+    elif name.startswith("vit_"):
+        extra = {"image_size": size}
+    elif name.startswith("maxvit_"):
+        extra = {"input_size": (size, size)}
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+
+
 TORCHVISION_MODELS = ("resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5")
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -209,3 +209,32 @@ def test_ddp_ranks_factorise_identically_and_train_in_sync(ddp_run):
     assert "net.conv2.0.weight_mask" in rank0["weights"]  # and pruning
     for key, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][key]), key
+
+
+def test_attention_projections_are_factorised_quantised_exported_and_restored(tmp_path):
+    # #14: nn.MultiheadAttention reads `in_proj_weight` (a bare parameter) and `out_proj.weight` directly, so
+    # low-rank left its projections alone (replacing `out_proj` crashed mid-fit) and QAT left them in float.
+    # LowRankFactorization now swaps in the same function with the projections as called layers.
+    import json
+
+    from torch.utils.data import DataLoader
+
+    from lightning_compress import CompressionExport
+    from lightning_compress.core.attention import ProjectedAttention
+    from tests.helpers import Attending, sequences
+
+    data = sequences()
+    module = Attending(width=64)
+    callbacks = [LowRankFactorization(epoch=1), QuantizationAwareTraining(start_epoch=1)]
+    export = CompressionExport(tmp_path, plots=False, val_batches=1)
+    loaders_ = DataLoader(data, batch_size=16), DataLoader(data, batch_size=48)
+    trainer(callbacks=[*callbacks, export], max_epochs=2).fit(module, *loaders_)
+    assert isinstance(module.attention, ProjectedAttention)
+    assert isinstance(module.attention.in_proj, LowRank) and isinstance(module.attention.out_proj, LowRank)
+    assert {"attention.in_proj.0", "attention.in_proj.1", "attention.out_proj.0"} <= set(quantized_layers(module))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values()), report["verification"]
+    fresh = restore(Attending(width=64), tmp_path / "model.ckpt").eval()
+    x = data.tensors[0][:8]
+    assert isinstance(fresh.attention.in_proj, LowRank)
+    assert torch.allclose(fresh(x), module.eval()(x), atol=1e-6)
