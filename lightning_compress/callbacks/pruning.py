@@ -142,6 +142,7 @@ class MagnitudePruning(CompressionCallback):
         self._couplings: list[list[str]] = []  # channel pattern: layers feeding one residual add share a mask
         self._entangled: set[str] = set()  # channel pattern: layers whose channels a LayerNorm / attention mixes
         self._links: dict[str, list[graph.ChannelLink]] = {}  # channel pattern: BatchNorms / grouped convs reached
+        self._untraced: str | None = None  # why the couplings could not be traced (warned once)
         self._handles: list[RemovableHandle] = []
         self._stage = "fit"
 
@@ -294,6 +295,14 @@ class MagnitudePruning(CompressionCallback):
             self._entangled = set(entangled) & set(self._modules)
             self._couplings = graph.coupled_layers(pl_module, self._modules, example)
             self._links = graph.channel_links(pl_module, example)
+            problem = graph.untraced(pl_module, example)
+            if problem is not None and problem != self._untraced:
+                rank_zero_warn(
+                    "MagnitudePruning prunes each layer's channels on its own (no residual couplings, no grouped-conv "
+                    "or BatchNorm links), so the export may keep masks: Torch-Pruning could not trace the model: "
+                    f"{problem}"
+                )
+            self._untraced = problem
         step = trainer.global_step
         if self.schedule is None or step == self.last_update_step or not self.schedule.is_update_step(step):
             return

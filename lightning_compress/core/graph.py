@@ -100,6 +100,7 @@ class ModelGraph:
     _couplings: list[list[str]] | None = None
     _entangled: dict[str, str] = field(default_factory=dict)
     _links: dict[str, list[ChannelLink]] = field(default_factory=dict)
+    _untraced: str | None = None
 
     def couplings(self, model: nn.Module, example: Any, layers: Mapping[str, nn.Module]) -> list[list[str]]:
         """Groups of ``layers`` whose output channels are one set (Torch-Pruning's dependency graph).
@@ -125,9 +126,21 @@ class ModelGraph:
         self._trace(model, example)
         return self._links
 
+    def untraced(self, model: nn.Module, example: Any) -> str | None:
+        """Why Torch-Pruning's trace gave no couplings and links (it failed, found strided slicing, or took
+        longer than :data:`TRACE_SECONDS`), or ``None`` when it succeeded."""
+        self._trace(model, example)
+        return self._untraced
+
     def _trace(self, model: nn.Module, example: Any) -> None:
         if self._couplings is None:
-            self._couplings, self._entangled, self._links = _trace_couplings(model, example)
+            try:
+                with time_limit(TRACE_SECONDS, "Torch-Pruning's coupling trace"):
+                    traced = _couplings_of(model, dependency_graph(model, example))
+                self._couplings, self._entangled, self._links = traced
+            except Exception as error:  # untraceable, unbounded or too slow: each layer is pruned alone
+                self._couplings, self._entangled, self._links = [], {}, {}
+                self._untraced = f"{type(error).__name__}: {str(error)[:200]}"
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, ModelGraph] = weakref.WeakKeyDictionary()
@@ -199,6 +212,11 @@ def is_grouped(layer: nn.Module) -> bool:
     if not isinstance(layer, nn.modules.conv._ConvNd) or layer.groups == 1:
         return False
     return not layer.groups == layer.in_channels == layer.out_channels
+
+
+def untraced(model: nn.Module, example: Any) -> str | None:
+    """Why the model's channel couplings could not be traced, or ``None`` (see :meth:`ModelGraph.untraced`)."""
+    return analyze(model, example).untraced(model, example)
 
 
 def entangled_layers(model: nn.Module, example: Any) -> dict[str, str]:
@@ -371,16 +389,6 @@ def dependency_graph(model: nn.Module, example: Any) -> Any:
 ENTANGLING_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
 
 
-def _trace_couplings(
-    model: nn.Module, example: Any
-) -> tuple[list[list[str]], dict[str, str], dict[str, list[ChannelLink]]]:
-    try:
-        with time_limit(TRACE_SECONDS, "Torch-Pruning's coupling trace"):
-            return _couplings_of(model, dependency_graph(model, example))
-    except Exception:  # untraceable, unbounded or too slow: no coupling known (each layer is pruned alone)
-        return [], {}, {}
-
-
 def _couplings_of(
     model: nn.Module, graph: Any
 ) -> tuple[list[list[str]], dict[str, str], dict[str, list[ChannelLink]]]:
@@ -401,7 +409,11 @@ def _couplings_of(
         if depthwise or layer not in graph.module2node:  # a depthwise conv goes with its input; unused
             continue
         channels = int(weight_of(layer).shape[0])
-        group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=list(range(channels)))
+        group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=[0])
+        linked = [item.dep.target.module for item in group]
+        if any(isinstance(t, BN_TYPES) or is_grouped(t) for t in linked if isinstance(t, nn.Module)):
+            # every channel's numbering there (cheap for convs; through attention's reshapes, seconds a layer)
+            group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=list(range(channels)))
         producers = tuple(
             names[id(dep.target.module)] for dep, _ in group
             if isinstance(dep.target.module, LAYER_TYPES) and _handler(dep) == "prune_out_channels"
@@ -413,6 +425,8 @@ def _couplings_of(
                 parent[root(other)] = root(name)
             if isinstance(target, ENTANGLING_TYPES):
                 entangled[name] = f"its channels reach a {type(target).__name__}, which mixes them"
+            elif type(target).__name__ == "_SplitOp":
+                entangled[name] = "its channels are split (chunk / split: ShuffleNet's branches, attention's q/k/v)"
             index = {int(r): int(i) for r, i in zip(item.root_idxs, item.idxs, strict=True)}
             if isinstance(target, BN_TYPES) and other is not None:
                 link = ChannelLink(other, "norm", index, producers, channels=_features(target))

@@ -387,3 +387,27 @@ def test_attention_projections_are_pruned_exported_and_restored(pattern, tmp_pat
     x = data.tensors[0][:8]
     assert torch.equal(fresh.attention.in_proj_weight == 0, projection == 0)
     assert torch.allclose(fresh(x), module.eval()(x), atol=1e-6)
+
+
+class SlicingModule(TinyModule):
+    """Swin's patch merging in a user's module: strided slices, concatenated (Torch-Pruning is not traced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.mix = torch.nn.Conv2d(32, 8, 1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x, *, scale=1.0):
+        h = torch.relu(self.conv(x))
+        h = torch.cat([h[:, :, 0::2, 0::2], h[:, :, 1::2, 0::2], h[:, :, 0::2, 1::2], h[:, :, 1::2, 1::2]], 1)
+        return self.head(torch.relu(self.mix(h)).mean((2, 3))) * scale
+
+
+def test_an_untraceable_model_is_pruned_layer_by_layer_and_says_why():
+    # #14: when the coupling trace failed (or took too long), channel pruning fell back to per-layer
+    # masks without a word.
+    pruning = MagnitudePruning(final_sparsity=0.5, pattern="channel", scope="layer", end_epoch=1)
+    with pytest.warns(UserWarning, match="on its own .* could not trace the model: RuntimeError: the model slices"):
+        _, module = fit([pruning], module=SlicingModule(), max_epochs=2)
+    assert int((~module.conv.weight_mask.flatten(1).any(1)).sum()) == 4
