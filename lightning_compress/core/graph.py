@@ -214,6 +214,12 @@ def is_grouped(layer: nn.Module) -> bool:
     return not layer.groups == layer.in_channels == layer.out_channels
 
 
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise (or otherwise grouped-but-not-:func:`is_grouped`) conv: its channels go with its input's,
+    so it is never the root of a channel group."""
+    return isinstance(layer, nn.Conv2d) and layer.groups != 1 and not is_grouped(layer)
+
+
 def untraced(model: nn.Module, example: Any) -> str | None:
     """Why the model's channel couplings could not be traced, or ``None`` (see :meth:`ModelGraph.untraced`)."""
     return analyze(model, example).untraced(model, example)
@@ -405,8 +411,7 @@ def _couplings_of(
         return name
 
     for name, layer in layers.items():
-        depthwise = isinstance(layer, nn.Conv2d) and layer.groups != 1 and not is_grouped(layer)
-        if depthwise or layer not in graph.module2node:  # a depthwise conv goes with its input; unused
+        if is_depthwise(layer) or layer not in graph.module2node:  # a depthwise conv goes with its input; unused
             continue
         channels = int(weight_of(layer).shape[0])
         group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=[0])

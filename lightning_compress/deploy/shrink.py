@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.distillation import logits_of
-from lightning_compress.core.graph import TRACE_SECONDS, dependency_graph, is_grouped, prune_out_fn, time_limit
+from lightning_compress.core.graph import (
+    TRACE_SECONDS,
+    dependency_graph,
+    is_depthwise,
+    is_grouped,
+    prune_out_fn,
+    time_limit,
+)
 from lightning_compress.core.layers import select_layers, weight_of
 
 
@@ -98,8 +105,7 @@ def _remove(
 ) -> None:
     names = {id(m): n for n, m in layers.items()}
     for name, layer in layers.items():
-        depthwise = isinstance(layer, nn.Conv2d) and layer.groups != 1 and not is_grouped(layer)
-        if name in keep or depthwise or layer not in graph.module2node:  # a depthwise conv goes with its input
+        if name in keep or is_depthwise(layer) or layer not in graph.module2node:  # it goes with its input
             continue
         idxs = set(zero_channels(layer))
         group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=sorted(idxs)) if idxs else None
