@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check lightning_compress tests benchmarks examples
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # one worker per CI core (pytest-xdist); each runs torch on one thread
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_compress tests benchmarks examples

@@ -4,6 +4,7 @@ model (:class:`ExportVerificationError`). Imports nothing of the package: every 
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable
 from difflib import get_close_matches
 from typing import Any
@@ -39,7 +40,7 @@ def config_error(name: str, allowed: str, got: Any, hint: str | None = None) -> 
         >>> str(config_error("final_sparsity", "in [0, 1)", 1.2))
         '`final_sparsity` must be in [0, 1), got 1.2'
     """
-    message = f"`{name}` must be {allowed}, got {got!r}"
+    message = f"`{name}` must be {allowed}, got {brief(got)}"
     if hint:
         message += f". HINT: {hint}"
     return CompressionConfigError(message)
@@ -54,3 +55,14 @@ def did_you_mean(given: str, choices: Iterable[str]) -> str | None:
     """Return a ``did you mean 'x'?`` hint for a misspelt name, or ``None``."""
     close = get_close_matches(given, list(choices), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else None
+
+
+BRIEF = 80  # characters of a user's value a message shows
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, BRIEF, BRIEF
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` cut to :data:`BRIEF` characters: what a message may show of a user's value."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= BRIEF else text[: BRIEF - 3] + "..."

@@ -17,6 +17,9 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):

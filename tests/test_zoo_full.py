@@ -30,7 +30,7 @@ from lightning_compress import (
 )
 from lightning_compress.core.calibration import recalibrate_batchnorm
 from tests.helpers import trainer
-from tests.test_zoo import Zoo, data, images, informative
+from tests.test_zoo import Zoo, data, images
 
 pytestmark = pytest.mark.zoo_full
 
@@ -66,8 +66,9 @@ name, size, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 fresh = restore(Zoo(name, size), folder + "/model.ckpt").eval()
 x, expected = torch.load(folder + "/probe.pt")
 with torch.no_grad():
-    assert torch.allclose(fresh(x), expected, atol=1e-5), (fresh(x) - expected).abs().max()
+    assert torch.allclose(fresh(x), expected, atol=float(sys.argv[4])), (fresh(x) - expected).abs().max()
 """
+ATOL = 1e-5  # restored outputs against the trained model's
 
 
 @pytest.mark.parametrize("technique", list(TECHNIQUES))
@@ -89,10 +90,15 @@ def test_every_family_with_every_technique_exports_verifies_and_restores(name, t
     x = images(4, torch.Generator().manual_seed(3), size)
     with torch.no_grad():
         expected = module.eval()(x)
-    assert informative(expected), "the check would check nothing"
+    # The restore check below compares to ATOL; outputs must spread over the batch by ten times that, or it
+    # would check nothing. (The suite's `informative` asks 1e-3 of the largest logit, for the fp32 check's
+    # relative 1e-4: efficientnet_b0 channel-pruned spreads by 2.2e-4 at logits of 0.53 - 22 x ATOL, resolved
+    # by this check, below that rule; the degenerate outputs it guards against spread by 1e-10 to 1e-8.)
+    assert float(expected.std(0).max()) >= 10 * ATOL, "the check would check nothing"
     torch.save((x, expected), tmp_path / "probe.pt")
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-c", RESTORE, name, str(size), str(tmp_path)], cwd=root, capture_output=True)
+    command = [sys.executable, "-c", RESTORE, name, str(size), str(tmp_path), str(ATOL)]
+    run = subprocess.run(command, cwd=root, capture_output=True)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
 
 

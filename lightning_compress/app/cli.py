@@ -1,11 +1,14 @@
 """The ``lightning-compress`` command: argument parsing and dispatch to :mod:`lightning_compress.app.run`.
 
-Exit codes: 0 ok, 2 bad input, 1 a run that diverged or whose export failed verification.
+Exit codes: 0 ok, 2 bad input (a one-paragraph message naming the key), 1 a run that failed (diverged, an
+export that failed verification, a full disk, ...; the traceback with ``LIGHTNING_COMPRESS_DEBUG=1``),
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=f"{text}; override any key with --a.b.c=VALUE", allow_abbrev=False)
         command.add_argument("recipe", help="a recipe YAML file (see recipes/)")
         command.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
+        command.add_argument(
+            "--python-path", action="append", default=[], metavar="DIR",
+            help="a folder a class_path may be imported from (repeatable; the current folder is not searched)",
+        )  # fmt: skip
     sweep = commands.add_parser(
         "sweep", help="run a W&B sweep file locally (grid or random); write a CSV and a Pareto plot"
     )
@@ -47,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("checkpoint", help="a checkpoint of lightning_compress's ClassificationModule")
     export.add_argument("--out", default="compressed", help="output folder (default: compressed)")
-    export.add_argument("--data", default="mnist5k", help="validation data for the checks and accuracy")
+    export.add_argument(
+        "--data", default=None, help="validation data for the checks and accuracy (default: what the checkpoint was "
+        "trained on, as it records; else mnist5k)"
+    )
     export.add_argument("--formats", nargs="+", default=None, help="onnx, onnx_int8, checkpoint (default: all it can)")
     export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks")
     export.add_argument("--no-physical", action="store_true", help="keep zero channels (no physical removal)")
@@ -63,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("fit", "validate"):
             from lightning_compress.app.run import fit_recipe
 
-            return fit_recipe(args.recipe, extra, args.print_config, train=args.command == "fit")
+            train = args.command == "fit"
+            return fit_recipe(args.recipe, extra, args.print_config, train=train, python_path=args.python_path)
         if args.command == "sweep":
             from lightning_compress.app.sweep import run_sweep
 
@@ -94,7 +105,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportVerificationError as err:  # the run worked, its export did not reproduce it: nothing written
         print(f"lightning-compress: export failed verification, nothing written: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("lightning-compress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a run that failed (a full disk, a bug): one paragraph, the traceback on request
+        if os.environ.get(DEBUG):
+            raise
+        where = _where(err)
+        print(
+            f"lightning-compress: error: the run failed: {type(err).__name__}: {' '.join(str(err).split())[:600]}"
+            f"{where}. HINT: set {DEBUG}=1 for the traceback",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+DEBUG = "LIGHTNING_COMPRESS_DEBUG"
+
+
+def _where(error: BaseException) -> str:
+    """`` (at file:line)`` of the innermost frame that raised ``error``."""
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return f" (at {trace.tb_frame.f_code.co_filename}:{trace.tb_lineno})" if trace is not None else ""
 
 
 if __name__ == "__main__":

@@ -13,11 +13,18 @@ from typing import Any
 
 from lightning_compress.callbacks import CompressionExport
 from lightning_compress.config import build_trainer, load_recipe
+from lightning_compress.config.build import built
+from lightning_compress.config.schema import check_arguments
 from lightning_compress.errors import CompressionConfigError
 
 
 def export_checkpoint(
-    path: str, out: str, data: str, formats: Sequence[str] | None = None, verify: bool = True, physical: bool = True
+    path: str,
+    out: str,
+    data: str | None,
+    formats: Sequence[str] | None = None,
+    verify: bool = True,
+    physical: bool = True,
 ) -> dict[str, Any]:
     """``lightning-compress export``: rebuild the compressed model from ``path`` and write the bundle."""
     from lightning_compress.core.quantization import quantized_layers
@@ -26,7 +33,7 @@ def export_checkpoint(
     from lightning_compress.deploy.report import check_formats
     from lightning_compress.deploy.restore import read_checkpoint, restore
     from lightning_compress.vision.data import get_datamodule
-    from lightning_compress.vision.module import ClassificationModule
+    from lightning_compress.vision.module import TRAINED_ON, ClassificationModule
 
     checkpoint = read_checkpoint(path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
@@ -35,11 +42,18 @@ def export_checkpoint(
             f"`export` needs a checkpoint of lightning_compress's ClassificationModule (with a named model), and "
             f"{path!r} has none. HINT: for your own LightningModule add CompressionExport(...) to its Trainer"
         )
-    model = restore(ClassificationModule(**hparams), checkpoint).eval()
+    problems = check_arguments("hyper_parameters.", ClassificationModule, hparams)
+    if problems:
+        wrong = "; ".join(problems)
+        raise CompressionConfigError(f"the checkpoint {path!r} has hyper-parameters that do not fit: {wrong}")
+    model = restore(built("hyper_parameters", lambda: ClassificationModule(**hparams)), checkpoint).eval()
     before = float_copy(ClassificationModule(**hparams))
-    datamodule = get_datamodule(data, batch_size=250)
+    trained_on = dict(checkpoint.get(TRAINED_ON) or {})
+    data = data or trained_on.get("data") or "mnist5k"
+    datamodule = built("--data", lambda: get_datamodule(data, batch_size=250))
     datamodule.setup("fit")
     val = [(x, y) for x, y in datamodule.val_dataloader()]
+    _check_data(path, trained_on, data, val)
     default = ["onnx", "checkpoint"] + (["onnx_int8"] if quantized_layers(model) else [])
     chosen = check_formats(formats, ("onnx", "onnx_int8", "checkpoint")) if formats else default
     if "onnx_int8" in chosen and not quantized_layers(model):
@@ -54,11 +68,29 @@ def export_checkpoint(
     return report
 
 
-def fit_recipe(path: str, overrides: Sequence[str], print_config: bool = False, train: bool = True) -> int:
+def _check_data(path: str, trained_on: dict[str, Any], data: str, val: list[tuple[Any, Any]]) -> None:
+    """Refuse validation data that is not what the checkpoint was trained on (its recorded data / input shape):
+    the figures and checks would describe another data set."""
+    if trained_on.get("data") not in (None, data):
+        raise CompressionConfigError(
+            f"the checkpoint {path!r} was trained on {trained_on['data']!r} and `--data` is {data!r}. "
+            f"HINT: --data {trained_on['data']} (the default: the data the checkpoint records)"
+        )
+    shape = list(val[0][0].shape[1:]) if val else None
+    if trained_on.get("input_shape") not in (None, shape):
+        raise CompressionConfigError(
+            f"the checkpoint {path!r} was trained on inputs of shape {trained_on['input_shape']} and `--data` "
+            f"{data!r} gives {shape}"
+        )
+
+
+def fit_recipe(
+    path: str, overrides: Sequence[str], print_config: bool = False, train: bool = True, python_path: Sequence[str] = ()
+) -> int:
     """``lightning-compress fit`` / ``validate``: load and validate the recipe; train it when ``train``."""
     import yaml
 
-    recipe = load_recipe(path, overrides)
+    recipe = load_recipe(path, overrides, python_path)
     if print_config:
         print(yaml.safe_dump(recipe.config, sort_keys=False), end="")
         return 0
@@ -69,12 +101,16 @@ def fit_recipe(path: str, overrides: Sequence[str], print_config: bool = False, 
         build_trainer(recipe, list(callbacks), [])  # the Trainer appends its own callbacks to the list
         print(f"{path}: valid ({', '.join(type(c).__name__ for c in callbacks) or 'no compression'})")
         return 0
-    print({k: round(v, 4) for k, v in train_recipe(path, overrides).items()})
+    print({k: round(v, 4) for k, v in train_recipe(path, overrides, python_path=python_path).items()})
     return 0
 
 
 def train_recipe(
-    path: str, overrides: Sequence[str], run_name: str | None = None, log_dir: str | None = None
+    path: str,
+    overrides: Sequence[str],
+    run_name: str | None = None,
+    log_dir: str | None = None,
+    python_path: Sequence[str] = (),
 ) -> dict[str, float]:
     """Train a recipe; return the final logged figures and ``model_bytes``: the exported ONNX file (int8
     when written, else fp32) zlib-compressed, as shipped over the wire, so pruned zeros count; without
@@ -84,7 +120,7 @@ def train_recipe(
 
     from lightning_compress.deploy.measure import sparse_bytes
 
-    recipe = load_recipe(path, overrides)
+    recipe = load_recipe(path, overrides, python_path)
     pl.seed_everything(recipe.seed, verbose=False)
     callbacks = recipe.callbacks()
     loggers = recipe.loggers(run_name)

@@ -2,7 +2,7 @@
 
 A sweep file is what ``wandb sweep`` takes: ``method`` (``grid`` or ``random`` here), ``metric``
 (``name``, ``goal``), ``parameters`` keyed by dotted recipe keys (``values``, ``value``, or ``min`` /
-``max`` for random), and a ``command`` that runs ``lightning_compress fit RECIPE ${args}``.
+``max`` for random), and a ``command`` that runs ``lightning-compress fit RECIPE ${args}``.
 :func:`run_sweep` runs the same search here, one trial at a time, then writes ``results.csv`` and
 ``pareto.png`` (the metric against model bytes, the Pareto front marked).
 
@@ -21,9 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lightning_compress.app.run import train_recipe
+from lightning_compress.config.reading import read
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
 METHODS = ("grid", "random")
@@ -37,10 +36,7 @@ def load_sweep(path: str | os.PathLike[str]) -> dict[str, Any]:
         CompressionConfigError: an unreadable file, an unknown key, a method other than grid/random,
             parameters without values, or a command that names no recipe.
     """
-    try:
-        sweep = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise CompressionConfigError(f"cannot read the sweep {str(path)!r}: {error}") from None
+    sweep = read(path, "the sweep") or {}
     if not isinstance(sweep, dict):
         raise CompressionConfigError(f"a sweep file must be a mapping, got {type(sweep).__name__}")
     for key in sweep:
@@ -64,7 +60,7 @@ def load_sweep(path: str | os.PathLike[str]) -> dict[str, Any]:
     command = [str(c) for c in sweep.get("command") or []]
     recipes = [c for c in command if c.endswith((".yaml", ".yml"))]
     if "${args}" not in command or not recipes:
-        raise config_error("command", "a list running `lightning_compress fit RECIPE.yaml ${args}`", command)
+        raise config_error("command", "a list running `lightning-compress fit RECIPE.yaml ${args}`", command)
     return {**sweep, "recipe": recipes[0]}
 
 

@@ -92,6 +92,7 @@ class CompressionCallback(Callback):
     """
 
     kind: str = ""
+    _phase_epoch: int | None = None  # the training epoch whose phase was last applied (on_epoch_phase)
 
     def on_modules_replaced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
@@ -109,12 +110,40 @@ class CompressionCallback(Callback):
         if find_callback(trainer, CompressionCallback) is self:  # one check (one sync) per step, however many
             check_finite_loss(trainer, outputs)
 
+    def on_epoch_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Apply the phase of ``trainer.current_epoch`` (QAT's start, BN / observer freezing, the low-rank
+        epoch). Called once per training epoch before its first step: from ``on_train_epoch_start``, or from
+        the epoch's first ``on_train_batch_start`` when Lightning entered the epoch without the former (it
+        does, resuming from a step checkpoint written at an epoch's last batch). A no-op here."""
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter_epoch(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._enter_epoch(trainer, pl_module)  # subclasses that override this call it first
+
+    def _enter_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._phase_epoch != trainer.current_epoch:
+            self._phase_epoch = trainer.current_epoch
+            self.on_epoch_phase(trainer, pl_module)
+
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._phase_epoch = None  # the next fit (or a resumed one) enters its first epoch afresh
         # Lightning sets `callback.log = pl_module.log` (a bound method) on every callback and never
         # removes it: a callback reused for another fit would keep the last model alive.
         for name in ("log", "log_dict"):
             vars(self).pop(name, None)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A fit that ends in an exception or Ctrl-C gets `on_exception` and never `teardown`: release the
+        # model (hooks, patched methods, references) on that way out too. Each `teardown` is idempotent.
+        self.teardown(trainer, pl_module, "fit")
 
 
 def find_callbacks(trainer: Any, kind: type[CallbackT]) -> list[CallbackT]:

@@ -323,10 +323,6 @@ class KnowledgeDistillation(CompressionCallback):
         self._student_layers, self._output = {}, None  # no reference to the model outlives the fit
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._patch.exit(pl_module)
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "kind": self.kind,

@@ -7,7 +7,6 @@ checks and report come from :func:`lightning_compress.deploy.bundle.write_bundle
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.core.quantization import quantized_layers
 from lightning_compress.deploy import report as rep
 from lightning_compress.deploy.bundle import FORMATS, write_bundle
+from lightning_compress.deploy.folder import check_replaceable
 from lightning_compress.deploy.onnx import float_copy
 from lightning_compress.errors import CompressionConfigError, config_error
 
@@ -42,11 +42,12 @@ class CompressionExport(CompressionCallback):
     ``report.json`` (keys documented in :mod:`lightning_compress.deploy.report`), ``report.md`` and PNG
     plots compare the model as fit started with the exported one: params, non-zeros, MACs, bytes
     (raw and compressed), ONNX bytes, ORT accuracy on the validation data and ORT latency.
-    Everything is written into a temporary folder inside ``dirpath`` and moved under its final
-    name only when complete. The headline figures (``export/*``) go to every logger.
+    ``dirpath`` is replaced as a whole once the new bundle is complete and verified (built beside it and
+    swapped in with one rename: :mod:`lightning_compress.deploy.folder`). The headline figures
+    (``export/*``) go to every logger.
 
     Args:
-        dirpath: output folder (created).
+        dirpath: output folder: missing (created), empty, or an earlier export (replaced).
         formats: any of ``onnx``, ``onnx_int8``, ``checkpoint``; default all three when the trainer has
             a ``QuantizationAwareTraining`` callback, else ``onnx`` and ``checkpoint``.
         example_input: a batch to trace and measure with; default the module's
@@ -61,7 +62,7 @@ class CompressionExport(CompressionCallback):
 
     Raises:
         CompressionConfigError: an unknown format, ``onnx_int8`` without quantisation-aware
-            training, or a ``dirpath`` that cannot be written (at setup).
+            training, or a ``dirpath`` that cannot be written or holds files that are not a bundle (at setup).
 
     Example::
 
@@ -115,17 +116,16 @@ class CompressionExport(CompressionCallback):
                 "'onnx_int8' from `formats`"
             )
         if trainer.is_global_zero:
-            try:
-                self.dirpath.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=self.dirpath, prefix=".write-test-"):
-                    pass
-            except OSError as error:
-                folder = str(self.dirpath)
-                raise config_error("dirpath", "a folder this process can write", folder, str(error)) from None
+            check_replaceable(self.dirpath)  # before any compute: the export replaces the folder as a whole
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before = float_copy(pl_module).cpu() if trainer.is_global_zero else None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._before = None  # the model's float copy: no more than the fit's memory outlives it
 
     # -- the export ----------------------------------------------------------------------------------
     @override
@@ -197,4 +197,8 @@ def _plain_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dic
         if state and not isinstance(callback, CompressionExport):
             callbacks[callback.state_key] = state
     hparams = dict(getattr(pl_module, "hparams", {}))
-    return {"state_dict": pl_module.state_dict(), "callbacks": callbacks, "hyper_parameters": hparams}
+    plain = {"state_dict": pl_module.state_dict(), "callbacks": callbacks, "hyper_parameters": hparams}
+    trained_on = getattr(pl_module, "trained_on", None)  # ClassificationModule's record of its data
+    if isinstance(trained_on, dict) and trained_on:
+        plain["trained_on"] = dict(trained_on)
+    return plain

@@ -136,7 +136,7 @@ class LowRankFactorization(CompressionCallback):
 
     # -- the factorisation ---------------------------------------------------------------------------
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_epoch_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch < self.epoch or self.factorized:
             return
         if any(isinstance(m, core.LowRank) for m in pl_module.modules()):
@@ -175,6 +175,7 @@ class LowRankFactorization(CompressionCallback):
     ) -> None:
         if self._example is None and not self.factorized:
             self._example = batch_input(batch)[:2].detach()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # factorises at the epoch's first batch
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -197,10 +198,6 @@ class LowRankFactorization(CompressionCallback):
         if self._hook is not None:
             self._hook.remove()
         self._hook, self._trainer, self._example = None, None, None
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "")
 
     @override
     def state_dict(self) -> dict[str, Any]:

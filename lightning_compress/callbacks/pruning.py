@@ -286,6 +286,7 @@ class MagnitudePruning(CompressionCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.pattern.kind == "channel" and self._bn_pairs is None:  # once a real batch is at hand
             example = batch_input(batch)[:2]
             self._bn_pairs = graph.find_bn_pairs(pl_module, self._modules, example) if self._bns else {}

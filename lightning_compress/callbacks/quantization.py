@@ -23,12 +23,11 @@ from lightning_compress.callbacks.base import (
 )
 from lightning_compress.callbacks.replace import notify
 from lightning_compress.core import quantization as core
-from lightning_compress.core.attention import expose_attention
+from lightning_compress.core.attention import expose_attention, unsupported
 from lightning_compress.core.graph import find_bn_pairs
 from lightning_compress.core.layers import (
     ATTENTION_IN_FLOAT,
     attention_internals,
-    attention_modules,
     unsupported_layers,
 )
 from lightning_compress.core.surgery import swap_modules
@@ -132,8 +131,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self._linked = False
         self._folded_bns = []
         if stage == "fit":
-            floats = {name: reason for name, reason in attention_internals(pl_module).items()}
-            floats.update({name: ATTENTION_IN_FLOAT for name in attention_modules(pl_module)})
+            floats = _attention_in_float(pl_module)
             floats.update({name: "transposed convolutions are not supported" for name in unsupported_layers(pl_module)})
             for name, reason in floats.items():
                 rank_zero_warn(f"QuantizationAwareTraining leaves {name!r} in float: {reason}")
@@ -171,6 +169,7 @@ class QuantizationAwareTraining(CompressionCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the epoch's phase, once
         self._link(pl_module, batch)
         if self._now["bn_frozen"]:
             for bn in self._folded_bns:  # Lightning puts the model back in train mode every epoch
@@ -196,7 +195,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     # -- phases ------------------------------------------------------------------------------------
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_epoch_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._now = self._phase(trainer.current_epoch)  # read on every step: computed once an epoch
         core.enable(pl_module, self._now["enabled"])
         core.freeze_observers(pl_module, self._now["observers_frozen"])
@@ -249,3 +248,19 @@ def _epoch(name: str, value: Any, optional: bool = True) -> int | None:
     if checked is not None and checked != int(checked):
         raise config_error(name, "a whole epoch number" + (" or None" if optional else ""), value)
     return None if checked is None else int(checked)
+
+
+def _attention_in_float(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the attention left as ``nn.MultiheadAttention`` after the swap that fake quantisation
+    cannot reach, for a configuration :class:`ProjectedAttention` does not cover. Attention the layer selection
+    leaves out (``include`` / ``exclude``) is the user's choice and is not reported."""
+    found: dict[str, str] = {}
+    internals = attention_internals(model)
+    for name, module in model.named_modules():
+        why = unsupported(module) if isinstance(module, nn.MultiheadAttention) else None
+        if why is not None:
+            found[name] = f"{ATTENTION_IN_FLOAT}; it has {why}, which ProjectedAttention does not cover"
+            prefix = f"{name}." if name else ""
+            found.update({inner: reason for inner, reason in internals.items() if inner.startswith(prefix)})
+    return found
+

@@ -1,6 +1,7 @@
 """Configuration: recipes read (``load``), checked (``schema``) and turned into objects (``build``).
 
-May import: ``lightning_compress.errors``, ``core``, ``deploy``, ``vision``, ``callbacks`` (and Lightning).
+May import: ``lightning_compress.errors``, ``core``, ``deploy``, ``vision``, ``callbacks``, ``integrations`` (the
+W&B logger's options) and Lightning.
 Nothing below imports this package.
 """
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.config.schema import COMPRESSION, callback_factories, import_class
+from lightning_compress.config.schema import COMPRESSION, callback_factories
+from lightning_compress.config.trust import import_class, search_folders
 from lightning_compress.errors import CompressionConfigError
 
 
@@ -22,6 +23,12 @@ class Recipe:
 
     config: dict[str, Any]
     path: Path | None = None
+    python_path: tuple[str, ...] = ()  # --python-path folders, besides the recipe's own `python_path`
+
+    @property
+    def folders(self) -> list[Path]:
+        """Where a ``class_path`` may come from besides the installed environment (see ``config.trust``)."""
+        return search_folders(self.config, self.path, self.python_path)
 
     @property
     def seed(self) -> int:
@@ -50,7 +57,7 @@ class Recipe:
             csv_options = {"save_dir": "lightning_logs", **(section["csv"] or {})}
             if run_name:
                 csv_options["name"] = run_name
-            loggers.append(CSVLogger(**csv_options))
+            loggers.append(built("logger.csv", lambda: CSVLogger(**csv_options)))
         if "wandb" in section:
             from lightning.pytorch.loggers import WandbLogger
 
@@ -59,7 +66,7 @@ class Recipe:
                 options["offline"] = True
             if run_name:
                 options["name"] = run_name
-            logger = WandbLogger(**options)
+            logger = built("logger.wandb", lambda: WandbLogger(**options))
             logger.experiment.config.update(self.config, allow_val_change=True)
             loggers.append(logger)
         return loggers
@@ -70,13 +77,13 @@ class Recipe:
         Raises:
             CompressionConfigError: a value the module's constructor refuses (with the section named).
         """
-        return _built("model", self._model)
+        return built("model", self._model)
 
     def _model(self) -> Any:
         section = dict(self.config.get("model") or {})
         checkpoint = section.pop("checkpoint", None)
         if "class_path" in section:
-            module = import_class(section["class_path"], "model.class_path", "LightningModule")(
+            module = import_class(section["class_path"], "model.class_path", "LightningModule", self.folders)(
                 **section.get("init_args", {})
             )
         else:
@@ -98,12 +105,12 @@ class Recipe:
         Raises:
             CompressionConfigError: a value the data module's constructor refuses (with the section named).
         """
-        return _built("data", self._datamodule)
+        return built("data", self._datamodule)
 
     def _datamodule(self) -> Any:
         section = dict(self.config.get("data") or {})
         if "class_path" in section:
-            return import_class(section["class_path"], "data.class_path", "LightningDataModule")(
+            return import_class(section["class_path"], "data.class_path", "LightningDataModule", self.folders)(
                 **section.get("init_args", {})
             )
         from lightning_compress.vision.data import get_datamodule
@@ -113,21 +120,21 @@ class Recipe:
         return get_datamodule(name, **section)
 
 
-def _built(section: str, build: Callable[[], Any]) -> Any:
+def built(section: str, build: Callable[[], Any]) -> Any:
     """``build()``, with a constructor's own ``TypeError`` / ``ValueError`` as a :class:`CompressionConfigError`."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         return build()
     except CompressionConfigError:
         raise
-    except (TypeError, ValueError) as err:  # e.g. torchmetrics refusing num_classes=0, a user class's check
-        raise CompressionConfigError(f"{section}: {err}") from None
+    except (TypeError, ValueError, MisconfigurationException) as err:  # e.g. torchmetrics refusing num_classes=0,
+        raise CompressionConfigError(f"{section}: {err}") from None  # Lightning refusing max_epochs=-3
 
 
 def build_trainer(recipe: Recipe, callbacks: list[Any], loggers: list[Any]) -> Any:
     """``lightning.Trainer`` from the recipe; Lightning's own refusals become a :class:`CompressionConfigError`."""
     import lightning.pytorch as pl
 
-    try:
-        return pl.Trainer(callbacks=callbacks, logger=loggers or False, **recipe.trainer_kwargs())
-    except (ValueError, TypeError) as err:  # MisconfigurationException is a ValueError
-        raise CompressionConfigError(f"trainer: {err}") from None
+    options = recipe.trainer_kwargs()
+    return built("trainer", lambda: pl.Trainer(callbacks=callbacks, logger=loggers or False, **options))

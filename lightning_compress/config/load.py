@@ -1,4 +1,5 @@
-"""Reading a recipe: ``yaml.safe_load``, dotted overrides in the form ``wandb agent`` passes, validation.
+"""Reading a recipe: bounded YAML 1.2 (:mod:`lightning_compress.config.reading`), dotted overrides in the
+form ``wandb agent`` passes, validation.
 
 ``load_recipe(path, overrides=[...])`` applies ``compression.pruning.final_sparsity=0.95``-style
 overrides and validates **everything at once** (:func:`lightning_compress.config.schema.validate`):
@@ -18,15 +19,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lightning_compress.config.build import Recipe
-from lightning_compress.config.schema import SECTIONS, validate
+from lightning_compress.config.reading import parse, read
+from lightning_compress.config.schema import SECTIONS, keeps_text, validate
 from lightning_compress.errors import CompressionConfigError
 
 
-def load_recipe(path: str | os.PathLike[str] | Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(
+    path: str | os.PathLike[str] | Mapping[str, Any], overrides: Sequence[str] = (), python_path: Sequence[str] = ()
+) -> Recipe:
     """Read, override and validate a recipe.
+
+    ``python_path``: folders a ``class_path`` may be imported from, besides the recipe's own ``python_path``
+    and the installed environment (see :mod:`lightning_compress.config.trust`).
 
     Raises:
         CompressionConfigError: every problem found, one per line, each with its key path.
@@ -35,18 +40,16 @@ def load_recipe(path: str | os.PathLike[str] | Mapping[str, Any], overrides: Seq
         config, where = copy.deepcopy(dict(path)), None
     else:
         where = Path(path)
-        try:
-            config = yaml.safe_load(where.read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise CompressionConfigError(f"cannot read the recipe {str(path)!r}: {error}") from None
+        config = read(where, "the recipe") or {}
     if not isinstance(config, dict):
         kind = type(config).__name__
         raise CompressionConfigError(f"a recipe must be a mapping of sections {list(SECTIONS)}, got {kind}")
     problems = [p for item in overrides for p in _override(config, item)]
-    problems += validate(config)
+    recipe = Recipe(config, where, tuple(python_path))
+    problems += validate(config, recipe.folders if not problems else ())
     if problems:
         raise CompressionConfigError("the recipe has problems:\n  - " + "\n  - ".join(problems))
-    return Recipe(config, where)
+    return recipe
 
 
 def _override(config: dict[str, Any], item: str) -> list[str]:
@@ -54,7 +57,10 @@ def _override(config: dict[str, Any], item: str) -> list[str]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         return [f"override {item!r} must look like key.path=VALUE (e.g. compression.pruning.final_sparsity=0.9)"]
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = parse(raw, f"the value of override {key!r}") if raw else None
+    except CompressionConfigError as error:
+        return [str(error)]
     node = config
     parts = key.split(".")
     for part in parts[:-1]:
@@ -64,5 +70,7 @@ def _override(config: dict[str, Any], item: str) -> list[str]:
         if not isinstance(child, dict):
             return [f"override {key!r}: {part!r} is not a section"]
         node = child
+    if raw and not isinstance(value, str) and keeps_text(config, parts, value, raw):
+        value = raw  # typed where a string goes: `--compression.export.dirpath=2024` stays "2024"
     node[parts[-1]] = value
     return []

@@ -3,14 +3,13 @@
 :func:`validate` returns every problem of a recipe as a ``key.path: message`` line (empty when
 valid): unknown sections and keys (with a did-you-mean), values whose YAML type cannot fit the
 constructor's annotation (model, data, Trainer, every callback), unknown model / data / optimizer
-names, and ``class_path`` entries that are not importable classes of the expected Lightning base.
+names, and ``class_path`` entries whose module defines no such class (read as text, never imported).
 """
 
 from __future__ import annotations
 
 import collections.abc
 import functools
-import importlib
 import inspect
 import os
 import re
@@ -20,9 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_compress.errors import CompressionConfigError, did_you_mean
+from lightning_compress.config.trust import locate_class
+from lightning_compress.errors import CompressionConfigError, brief, did_you_mean
 
-SECTIONS = ("model", "data", "trainer", "compression", "logger", "seed")
+SECTIONS = ("model", "data", "trainer", "compression", "logger", "seed", "python_path")
 LOGGERS = ("wandb", "csv")
 COMPRESSION = ("low_rank", "pruning", "quantization", "distillation", "export")
 
@@ -46,11 +46,22 @@ def callback_factories() -> dict[str, Callable[..., Any]]:
     }
 
 
-def validate(config: Mapping[str, Any]) -> list[str]:
-    """Every problem of a recipe, as ``key.path: message`` lines (empty when it is valid)."""
+def validate(config: Mapping[str, Any], folders: Sequence[Path] = ()) -> list[str]:
+    """Every problem of a recipe, as ``key.path: message`` lines (empty when it is valid).
+
+    ``class_path`` entries are located and read as text (:func:`lightning_compress.config.trust.locate_class`):
+    nothing is imported. ``folders`` are the recipe's ``python_path`` (see :mod:`lightning_compress.config.trust`).
+    """
     problems = [_unknown(key, SECTIONS, "") for key in config if key not in SECTIONS]
+    listed = config.get("python_path")
+    if listed is not None and not (isinstance(listed, str) or (
+            isinstance(listed, list) and all(isinstance(p, str) for p in listed))):  # fmt: skip
+        problems.append(f"python_path: must be a folder or a list of folders, got {brief(listed)}")
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        problems.append(f"python_path: no such folder {', '.join(missing)}")
     if "seed" in config and (not isinstance(config["seed"], int) or isinstance(config["seed"], bool)):
-        problems.append(f"seed: must be an integer, got {config['seed']!r}")
+        problems.append(f"seed: must be an integer, got {brief(config['seed'])}")
     for section in ("model", "data", "trainer", "compression", "logger"):
         value = config.get(section)
         if value is not None and not isinstance(value, dict):
@@ -66,7 +77,7 @@ def validate(config: Mapping[str, Any]) -> list[str]:
         value = config.get(section) or {}
         if "class_path" in value:
             try:
-                import_class(value["class_path"], f"{section}.class_path", base)
+                locate_class(value["class_path"], f"{section}.class_path", base, folders)
             except CompressionConfigError as error:
                 problems.append(str(error))
     return problems
@@ -78,8 +89,8 @@ def _unknown(key: str, allowed: Sequence[str], prefix: str, what: str | None = N
 
 
 def _unknown_value(key: str, value: Any, allowed: Sequence[str]) -> str:
-    hint = did_you_mean(str(value), allowed)
-    return f"{key}: unknown value {value!r}; allowed: {', '.join(allowed)}" + (f". HINT: {hint}" if hint else "")
+    hint = did_you_mean(brief(value).strip("'"), allowed)
+    return f"{key}: unknown value {brief(value)}; allowed: {', '.join(allowed)}" + (f". HINT: {hint}" if hint else "")
 
 
 def _parameters(factory: Callable[..., Any]) -> list[str]:
@@ -125,28 +136,55 @@ def _describe(hint: Any) -> str:
     return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", text)  # typing.Sequence -> Sequence, torch.nn....Module -> Module
 
 
-def _check_arguments(
+def check_arguments(
     prefix: str, factory: Callable[..., Any], arguments: Mapping[str, Any], what: str | None = None
 ) -> list[str]:
     """Unknown keys (with did-you-mean) and values whose YAML type cannot fit the annotation."""
     allowed = _parameters(factory)
     problems = [_unknown(key, allowed, prefix, what) for key in arguments if key not in allowed]
-    target = factory.func if isinstance(factory, functools.partial) else factory
-    try:
-        hints = typing.get_type_hints(getattr(target, "__init__", target) if isinstance(target, type) else target)
-    except Exception:  # annotations that cannot be resolved: leave the types to the factory itself
-        hints = {}
+    hints = _hints(factory)
     for key, value in arguments.items():
         if key in hints and not _yaml_fits(value, hints[key]):
-            problems.append(f"{prefix}{key}: must be {_describe(hints[key])}, got {value!r}")
+            problems.append(f"{prefix}{key}: must be {_describe(hints[key])}, got {brief(value)}")
     return problems
 
 
+def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    try:
+        return typing.get_type_hints(getattr(target, "__init__", target) if isinstance(target, type) else target)
+    except Exception:  # annotations that cannot be resolved: leave the types to the factory itself
+        return {}
+
+
+def keeps_text(config: Mapping[str, Any], key: Sequence[str], value: Any, text: str) -> bool:
+    """Whether an override's ``text`` should stay the string it was typed as: the argument at ``key`` (a
+    built-in model or data module, the Trainer, a compression callback) is annotated to take a string,
+    and YAML read ``text`` as something it does not take (``--compression.export.dirpath=2024``)."""
+    factory: Any = None
+    if len(key) == 2 and key[0] == "trainer":
+        import lightning.pytorch as pl
+
+        factory = pl.Trainer
+    elif len(key) == 3 and key[0] == "compression":
+        factory = callback_factories().get(key[1])
+    elif len(key) == 2 and key[0] == "data" and "class_path" not in (config.get("data") or {}):
+        from lightning_compress.vision.data import DATAMODULES
+
+        factory = DATAMODULES.get(str((config.get("data") or {}).get("name", "mnist5k")))
+    elif len(key) == 2 and key[0] == "model" and "class_path" not in (config.get("model") or {}):
+        from lightning_compress.vision.module import ClassificationModule
+
+        factory = ClassificationModule
+    hint = _hints(factory).get(key[-1]) if factory is not None else None
+    return hint is not None and not _yaml_fits(value, hint) and _yaml_fits(text, hint)
+
+
 def _check_class_path_section(name: str, section: Mapping[str, Any], allowed: Sequence[str]) -> list[str]:
-    """The keys of a ``class_path`` section (the class itself is checked by :func:`_import_class`)."""
+    """The keys of a ``class_path`` section (the class itself is located by :func:`locate_class`)."""
     problems = [_unknown(key, allowed, f"{name}.") for key in section if key not in allowed]
     if not isinstance(section.get("init_args", {}), dict):
-        problems.append(f"{name}.init_args: must be a mapping, got {section['init_args']!r}")
+        problems.append(f"{name}.init_args: must be a mapping, got {brief(section['init_args'])}")
     return problems
 
 
@@ -157,14 +195,14 @@ def _check_model(section: Mapping[str, Any]) -> list[str]:
     from lightning_compress.vision.module import OPTIMIZERS, ClassificationModule
 
     arguments = {k: v for k, v in section.items() if k != "checkpoint"}
-    problems = _check_arguments("model.", ClassificationModule, arguments)
+    problems = check_arguments("model.", ClassificationModule, arguments)
     name, optimizer = arguments.get("model", "cnn_small"), arguments.get("optimizer", "adam")
     if isinstance(name, str) and name not in MODELS:
         problems.append(_unknown_value("model.model", name, list(MODELS)))
     if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
         problems.append(_unknown_value("model.optimizer", optimizer, OPTIMIZERS))
     if "checkpoint" in section and not isinstance(section["checkpoint"], str):
-        problems.append(f"model.checkpoint: must be a file path, got {section['checkpoint']!r}")
+        problems.append(f"model.checkpoint: must be a file path, got {brief(section['checkpoint'])}")
     return problems
 
 
@@ -176,7 +214,7 @@ def _check_data(section: Mapping[str, Any]) -> list[str]:
     name = section.get("name", "mnist5k")
     if not isinstance(name, str) or name not in DATAMODULES:
         return [_unknown_value("data.name", name, list(DATAMODULES))]
-    return _check_arguments("data.", DATAMODULES[name], {k: v for k, v in section.items() if k != "name"})
+    return check_arguments("data.", DATAMODULES[name], {k: v for k, v in section.items() if k != "name"})
 
 
 def _check_trainer(section: Mapping[str, Any]) -> list[str]:
@@ -185,7 +223,7 @@ def _check_trainer(section: Mapping[str, Any]) -> list[str]:
     refused = [f"trainer.{key}: set by the recipe itself (use `compression` / `logger`)" for key in section
                if key in ("callbacks", "logger")]  # fmt: skip
     rest = {k: v for k, v in section.items() if k not in ("callbacks", "logger")}
-    return refused + _check_arguments("trainer.", pl.Trainer, rest, "lightning.Trainer's arguments")
+    return refused + check_arguments("trainer.", pl.Trainer, rest, "lightning.Trainer's arguments")
 
 
 def _check_compression(section: Mapping[str, Any]) -> list[str]:
@@ -198,7 +236,7 @@ def _check_compression(section: Mapping[str, Any]) -> list[str]:
         if not isinstance(arguments, dict):
             problems.append(f"compression.{name}: must be a mapping of arguments, got {type(arguments).__name__}")
             continue
-        found = _check_arguments(f"compression.{name}.", factories[name], arguments)
+        found = check_arguments(f"compression.{name}.", factories[name], arguments)
         problems += found
         if found or name in ("distillation", "export"):  # these touch files: checked when built
             continue
@@ -210,21 +248,35 @@ def _check_compression(section: Mapping[str, Any]) -> list[str]:
 
 
 def _check_logger(section: Mapping[str, Any]) -> list[str]:
-    return [_unknown(key, LOGGERS, "logger.") for key in section if key not in LOGGERS]
+    """Each logger's options against what it takes (W&B: ``WandbLogger``'s and ``wandb.init``'s arguments,
+    and ``mode``), so that ``validate`` refuses what ``fit`` would crash on."""
+    problems = [_unknown(key, LOGGERS, "logger.") for key in section if key not in LOGGERS]
+    for name in (n for n in LOGGERS if n in section):
+        options = section[name] if section[name] is not None else {}
+        if not isinstance(options, dict):
+            problems.append(f"logger.{name}: must be a mapping of options, got {brief(options)}")
+            continue
+        factory, extra = _logger_factory(name)
+        own = _parameters(factory)
+        problems += [_unknown(key, [*own, *extra], f"logger.{name}.") for key in options if key not in [*own, *extra]]
+        problems += check_arguments(f"logger.{name}.", factory, {k: v for k, v in options.items() if k in own})
+        offline = options.get("offline") is True or options.get("mode") == "offline"
+        if name == "wandb" and offline and options.get("log_model"):
+            problems.append(
+                "logger.wandb.log_model: W&B cannot upload checkpoints offline (Lightning refuses log_model with "
+                "offline). HINT: drop log_model, or run online; CompressionExport's artifact is logged either way"
+            )
+    return problems
 
 
-def import_class(path: Any, key: str, base: str) -> Any:
-    """An importable class of the expected Lightning base type; never an arbitrary callable."""
-    import lightning.pytorch as pl
+def _logger_factory(name: str) -> tuple[Callable[..., Any], list[str]]:
+    """A logger's class and the options it passes on (W&B's ``**kwargs`` go to ``wandb.init``)."""
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
 
-    expected = getattr(pl, base)
-    module_name, _, name = str(path).rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module_name), name) if module_name else None
-    except (ImportError, AttributeError, ValueError):
-        found = None
-    if not (isinstance(found, type) and issubclass(found, expected)):
-        raise CompressionConfigError(
-            f"{key}: must be the import path of a {base} subclass (e.g. my_package.models.MyModule), got {path!r}"
-        )
-    return found
+        return CSVLogger, []
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_compress.integrations.wandb import init_options
+
+    return WandbLogger, [*init_options(), "mode"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -404,13 +404,34 @@ def rebuild(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, tup
                     shapes.append(state_dict[key].shape)
         if len(shapes) < 2:
             continue
-        new: LowRank
-        if isinstance(layer, nn.Linear):
-            new = factorize_linear(layer, shapes[0][0])
-        elif len(shapes) == 2:
-            new = factorize_conv_svd(layer, shapes[0][0])
-        else:
-            new = factorize_conv_tucker2(layer, (shapes[1][0], shapes[0][0]))
+        new = _rebuilt_factors(name, cast(nn.Linear | nn.Conv2d, layer), shapes)
         swap_modules(model, {name: new})
         rebuilt[name] = (layer, new)
     return rebuilt
+
+
+def _rebuilt_factors(name: str, layer: nn.Linear | nn.Conv2d, shapes: list[torch.Size]) -> LowRank:
+    """The :class:`LowRank` that factor weights of ``shapes`` in a state dict describe for ``layer``.
+
+    Raises:
+        CompressionConfigError: the shapes are not factors of ``layer`` (a crafted or foreign checkpoint).
+    """
+    out_channels, in_channels = int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    ranks = [int(shape[0]) if len(shape) >= 2 else 0 for shape in shapes]
+    counts = (2,) if isinstance(layer, nn.Linear) else (2, 3)
+    shown = [tuple(shape) for shape in shapes]
+    fits = (len(shapes) in counts and all(ranks[:-1]) and all(len(s) == layer.weight.dim() for s in shapes)
+            and int(shapes[-1][0]) == out_channels and int(shapes[0][1]) == in_channels)  # fmt: skip
+    if fits:
+        try:
+            if isinstance(layer, nn.Linear):
+                return factorize_linear(layer, ranks[0])
+            if len(shapes) == 2:
+                return factorize_conv_svd(layer, ranks[0])
+            return factorize_conv_tucker2(layer, (ranks[1], ranks[0]))
+        except (RuntimeError, ValueError, IndexError):
+            pass
+    raise CompressionConfigError(
+        f"the checkpoint's factors of {name!r} ({name}.0.weight ... shapes {shown}) do not factorise its "
+        f"{type(layer).__name__} ({out_channels} x {in_channels}): not a checkpoint of this model"
+    )

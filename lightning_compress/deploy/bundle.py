@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -22,10 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.deploy import report as rep
+from lightning_compress.deploy.folder import replaced
 from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms, ort_session
 from lightning_compress.deploy.onnx import LogitsFn, apply_int8, float_copy, int8_plan, pick_logits, write_onnx
 from lightning_compress.deploy.shrink import remove_zero_channels
 from lightning_compress.deploy.verify import verify_fp32, verify_int8
+from lightning_compress.errors import CompressionConfigError
 
 FORMATS = ("onnx", "onnx_int8", "checkpoint")
 FILES = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx", "checkpoint": "model.ckpt"}
@@ -52,7 +53,8 @@ def write_bundle(
             in eval mode for the checks and left in the mode it was in.
         before: the model before compression (a float copy, which the bundle exports as it is and
             leaves on the CPU in eval mode), for the before/after figures.
-        folder: the output folder; files appear in it under their final names only when complete.
+        folder: the output folder, replaced as a whole once the new bundle is complete and verified (see
+            :mod:`lightning_compress.deploy.folder`): missing, empty, or an earlier bundle.
         example: a batch to trace with.
         val: ``(input, label)`` validation batches: the first checks the files, all give the ORT accuracy.
         formats: any of ``onnx``, ``onnx_int8`` (needs fake quantisation), ``checkpoint``.
@@ -70,23 +72,33 @@ def write_bundle(
 
     Raises:
         ExportVerificationError: a file does not reproduce the model; nothing is written then.
+        CompressionConfigError: ``folder`` holds files that are not a bundle's, or cannot be written.
+        OSError: writing failed (a full disk); ``folder`` is left as it was.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    _check_finite(example, val)
     was_training = model.training
     model.eval()  # the reference outputs: running statistics, observers still
     try:
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:
+        with replaced(folder) as tmp:  # the folder as a whole: the old bundle or the new one, never a mix
             settings = (verify, physical, plots, before_accuracy, logits_fn)
-            report = _bundle(model, before, Path(tmp), example, list(val), formats, checkpoint, *settings)
-            for path in sorted(Path(tmp).iterdir()):
-                if path.is_file() and not path.name.startswith("."):
-                    os.replace(path, folder / path.name)
+            report = _bundle(model, before, tmp, example, list(val), formats, checkpoint, *settings)
+            (tmp / ".before.onnx").unlink(missing_ok=True)
     finally:
         model.train(was_training)
     for entry in report["files"].values():
         entry["path"] = str(folder / entry["path"])
     return report
+
+
+def _check_finite(example: Tensor, val: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """NaN or inf in the data the checks run on would read as a file that does not match PyTorch."""
+    for what, x in [("the example input", example), *((f"validation batch {i}", b[0]) for i, b in enumerate(val))]:
+        if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise CompressionConfigError(
+                f"{what} holds NaN or infinite values: the export's checks and accuracy need finite inputs. "
+                "HINT: clean the validation data (or pass `example_input=` a finite batch)"
+            )
 
 
 def _bundle(

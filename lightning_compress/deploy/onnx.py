@@ -42,6 +42,7 @@ from lightning_compress.core.distillation import logits_of
 from lightning_compress.core.layers import weight_of
 from lightning_compress.core.pruning import fold_masks
 from lightning_compress.core.surgery import swap_modules, unpatched_copy
+from lightning_compress.deploy.folder import umask
 from lightning_compress.deploy.shrink import kept_channels, remove_zero_channels
 from lightning_compress.errors import CompressionConfigError
 
@@ -447,6 +448,7 @@ def write_onnx(
     os.close(handle)
     try:
         onnx.save(proto, tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp made it 0600: the mode any other file gets
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -12,6 +12,9 @@ Example::
 from __future__ import annotations
 
 import os
+import pickle
+import pickletools
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,13 +42,51 @@ def read_checkpoint(checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> M
     try:
         loaded = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
     except Exception as error:  # missing file, not a checkpoint, unsafe pickle: name the file and the cause
-        raise CompressionConfigError(
-            f"cannot read the checkpoint {str(checkpoint)!r}: {type(error).__name__}: {str(error)[:300]}"
-        ) from error
+        cause = _cause(error, checkpoint)
+        raise CompressionConfigError(f"cannot read the checkpoint {str(checkpoint)!r}: {cause}") from error
     if not isinstance(loaded, Mapping):
         kind = type(loaded).__name__
         raise CompressionConfigError(f"the checkpoint {str(checkpoint)!r} holds a {kind}, not a state dict")
     return loaded
+
+
+def _cause(error: Exception, path: str | os.PathLike[str]) -> str:
+    """What went wrong reading a checkpoint, in one line; for a pickle that names code, the globals it names
+    first (torch's message puts them after a paragraph about ``weights_only``, or names only an opcode)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError):
+        named = [name for name in pickle_globals(path) if not name.startswith(SAFE_GLOBALS)]
+        if named:
+            return (
+                f"it names code to run ({', '.join(named[:3])}); refused: checkpoints are read with "
+                "weights_only=True, never unpickled. HINT: save a plain state dict or a Lightning checkpoint"
+            )
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "_codecs.encode", "numpy.")
+
+
+def pickle_globals(path: str | os.PathLike[str]) -> list[str]:
+    """The ``module.name`` globals a pickle (plain, or a ``torch.save`` zip's ``data.pkl``) would import, read
+    with :mod:`pickletools` (nothing is executed); ``[]`` when the file cannot be read as one."""
+    try:
+        data = Path(path).read_bytes()
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        names: list[str] = []
+        strings: list[str] = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a pickle we can read: the caller says what torch said
+        return []
+    return list(dict.fromkeys(names))
 
 
 def callback_state(checkpoint: Mapping[str, Any], kind: str) -> Mapping[str, Any]:

@@ -24,3 +24,17 @@ def log_export(logger: Any, report: dict[str, Any], folder: Path) -> None:
     columns: list[str | int] = ["name", "sparsity", "rank", "weight_bits"]
     table = wandb.Table(columns=columns, data=[[row[str(c)] for c in columns] for row in report["layers"]])
     run.log({"export/layers": table})
+
+
+def init_options() -> list[str]:
+    """The options ``wandb.init`` takes (``WandbLogger`` passes its extra ``**kwargs`` on to it), less
+    ``config`` and ``settings`` (a recipe's own); ``[]`` without wandb installed."""
+    import inspect
+
+    try:
+        import wandb
+    except ImportError:
+        return []
+    parameters = inspect.signature(wandb.init).parameters.items()
+    return [n for n, p in parameters if n not in ("config", "settings") and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                        p.KEYWORD_ONLY)]  # fmt: skip

@@ -300,6 +300,17 @@ DATAMODULES: dict[str, Callable[..., ClassificationDataModule]] = {
 }
 
 
+def data_name(datamodule: Any) -> str | None:
+    """The :data:`DATAMODULES` name of ``datamodule`` (``digits``, ``cifar10``, ...), or ``None`` for another."""
+    for name, factory in DATAMODULES.items():
+        if isinstance(factory, functools.partial):
+            if type(datamodule) is factory.func and getattr(datamodule, "dataset", None) == factory.args[0]:
+                return name
+        elif type(datamodule) is factory:
+            return name
+    return None
+
+
 def get_datamodule(name: str, **kwargs: Any) -> ClassificationDataModule:
     """Build a data module by name (``digits``, ``mnist5k``, ``imagefolder``, ``cifar10``, ``cifar100``,
     ``mnist``, ``fashion_mnist``).

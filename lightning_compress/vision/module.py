@@ -19,6 +19,7 @@ from lightning_compress.errors import CompressionConfigError, config_error, one_
 from lightning_compress.vision.models import TORCHVISION_MODELS, build_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+TRAINED_ON = "trained_on"  # the checkpoint key of what the module was trained on
 
 
 class ClassificationModule(pl.LightningModule):
@@ -65,6 +66,24 @@ class ClassificationModule(pl.LightningModule):
         self.model = model if isinstance(model, nn.Module) else build_model(model, num_classes, in_channels, **extra)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.trained_on: dict[str, Any] = {}  # {"data": name, "input_shape": [C, H, W]}: `export` checks its data
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self.trained_on:
+            from lightning_compress.vision.data import data_name
+
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.trained_on = {"data": data_name(datamodule), "input_shape": list(batch[0].shape[1:])}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trained_on:
+            checkpoint[TRAINED_ON] = dict(self.trained_on)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.trained_on = dict(checkpoint.get(TRAINED_ON) or {})
 
     @override
     def forward(self, x: Tensor) -> Tensor:

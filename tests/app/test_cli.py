@@ -73,10 +73,20 @@ def test_recipe_problems_exit_2_listing_all_of_them(capsys):
 
 
 def test_the_command_line_wandb_agent_builds(tmp_path):
-    # `wandb agent` runs the sweep's `command`: ${env} ${interpreter} ${program} ${args}, args as --key=value
+    # `wandb agent` runs the sweep's `command` with its macros replaced: ${env} is /usr/bin/env, ${args} the
+    # parameters as --key=value; the shipped sweeps run the environment's console script
+    import os
+
+    import yaml
+
+    sweep = yaml.safe_load((Path(QUICKSTART).parents[1] / "sweeps" / "digits_sparsity.yaml").read_text())
     args = ["--compression.pruning.final_sparsity=0.9", "--trainer.max_epochs=1", "--compression.pruning.end_epoch=1"]
-    command = [sys.executable, "-m", "lightning_compress", "fit", QUICKSTART, *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    macros = {"${env}": ["/usr/bin/env"], "${args}": args, "recipes/digits/quickstart.yaml": [QUICKSTART]}
+    command = [part for item in sweep["command"] for part in macros.get(item, [item])]
+    assert command[:3] == ["/usr/bin/env", "lightning-compress", "fit"]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the agent's activated env
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ,
+                          "PATH": path, "WANDB_SWEEP_ID": "s1", "WANDB_RUN_ID": "r1", "WANDB_MODE": "offline"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'pruning/sparsity': 0.9" in done.stdout
 

@@ -109,3 +109,32 @@ def test_every_callback_state_names_its_kind():
         "MagnitudePruning": "pruning", "QuantizationAwareTraining": "quantization",
         "LowRankFactorization": "low_rank", "KnowledgeDistillation": "distillation",
     }  # fmt: skip
+
+
+class Interrupting(TinyModule):
+    """Ctrl-C at the 7th step (the second epoch: every technique is on)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step >= 6:
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("way_out", ["KeyboardInterrupt", "exception"])
+def test_every_way_out_of_fit_drops_the_model(way_out, tmp_path):
+    # #15: after a KeyboardInterrupt the callbacks kept the model referenced (Lightning calls only
+    # `on_exception` on that path, not `teardown`)
+    callbacks = _all(TinyModule(), tmp_path / "out")
+    module = Interrupting(bn=True) if way_out == "KeyboardInterrupt" else Diverging(bn=True)
+    expected = SystemExit if way_out == "KeyboardInterrupt" else Exception  # Lightning exits 1 after Ctrl-C
+    try:
+        fit(callbacks, module=module, max_epochs=3)
+    except expected:
+        pass  # the exception (and its traceback's frames, the trainer's) is gone after this block
+    else:
+        raise AssertionError("the fit was not interrupted")
+    ref = weakref.ref(module)
+    del module
+    gc.collect()
+    holders = [type(o).__name__ for o in gc.get_referrers(ref())] if ref() is not None else []
+    assert ref() is None, f"the interrupted model is still referenced by {holders}"

@@ -151,3 +151,26 @@ def test_attention_projections_are_quantised_and_the_int8_file_verifies(tmp_path
     fresh, x = restore(Attending(), tmp_path / "model.ckpt").eval(), data.tensors[0][:8]
     assert isinstance(fresh.attention, ProjectedAttention)
     assert torch.allclose(fresh(x), module.eval()(x), atol=1e-6)
+
+
+def test_attention_left_in_float_is_named_with_its_reason_and_excluded_attention_is_not(recwarn):
+    # #14: the setup warning said every remaining nn.MultiheadAttention ran "inside
+    # F.multi_head_attention_forward" - also for attention the user had excluded, which QAT would never
+    # have quantised anyway. It now names only attention it cannot reach, with the configuration why.
+    from torch.utils.data import DataLoader
+
+    module = Attending()
+    module.attention = torch.nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)
+    data = DataLoader(sequences(), batch_size=16)
+    trainer(callbacks=[QuantizationAwareTraining()], max_epochs=1, limit_train_batches=1).fit(module, data)
+    messages = [str(w.message) for w in recwarn if "in float" in str(w.message)]
+    assert any("'attention'" in m and "add_bias_kv=True" in m for m in messages), messages
+    assert any("'attention.out_proj'" in m for m in messages), messages
+
+    recwarn.clear()
+    module = Attending()
+    trainer(callbacks=[QuantizationAwareTraining(exclude=["attention"])], max_epochs=1, limit_train_batches=1).fit(
+        module, data
+    )
+    assert isinstance(module.attention, torch.nn.MultiheadAttention)  # left as the user asked
+    assert not [w for w in recwarn if "in float" in str(w.message)]

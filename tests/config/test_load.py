@@ -124,7 +124,7 @@ def mutated(draw: Any) -> tuple[dict, str, str | None]:
     if kind == "unknown_key":  # a misspelt key in any section (top level included): always invalid
         path = draw(st.sampled_from([p for p in _sections(config) if p[:1] not in (("seed",),)]))
         key = draw(KEY.filter(lambda k: k not in _get(config, path)))
-        if path == () and key in ("model", "data", "trainer", "compression", "logger", "seed"):
+        if path == () and key in ("model", "data", "trainer", "compression", "logger", "seed", "python_path"):
             key += "_x"
         _get(config, path)[key] = draw(ANY_VALUE)
         return config, f"{name}: {kind} {path}.{key}", ".".join(map(str, (*path, key)))
@@ -174,3 +174,42 @@ def test_mutated_recipes_through_the_command_exit_0_or_2_never_a_traceback(case,
         assert err.startswith("lightning-compress: error: "), what
     if key is not None:
         assert code == 2 and key in err, (what, err)
+
+
+# -- the same property for what the command line gets besides the recipe: overrides and logger sections (#15) ----
+RAW = st.one_of(
+    st.sampled_from(["[1,", "{", "2:4", "-3", "1e-3", "&a [*a]", "!!python/object/apply:os.system [ls]", "null", "~",
+                     "'", '"', "", "1:30:00", "[[[[[[[[", "*x", "0x1F", ".nan", "yes"]),
+    st.text(max_size=10),
+)  # fmt: skip
+LOGGER_KEYS = st.sampled_from(["wandb", "csv"]).flatmap(
+    lambda name: st.sampled_from(["project", "mode", "offline", "log_model", "save_dir", "name", "tags", "projcet",
+                                  "flush_logs_every_n_steps", "version"]).map(lambda key: f"logger.{name}.{key}")
+)  # fmt: skip
+
+
+@st.composite
+def overridden(draw: Any) -> tuple[Path, str]:
+    path = draw(st.sampled_from(RECIPES))
+    leaves = [".".join(map(str, p)) for p in _leaves(SHIPPED[path.relative_to(ROOT / "recipes").as_posix()])]
+    key = draw(st.one_of(st.sampled_from(leaves), LOGGER_KEYS, KEY))
+    return path, f"--{key}={draw(RAW)}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(overridden())
+def test_any_override_through_the_command_exits_0_or_2_never_a_traceback(case):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from lightning_compress.app.cli import main
+
+    path, override = case
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        code = main(["validate", str(path), override])
+    event(f"exit {code}")
+    assert code in (0, 2), (override, err.getvalue()[-800:])
+    assert "Traceback" not in err.getvalue(), override
+    if code == 2:
+        assert "lightning-compress: error: " in err.getvalue(), override

@@ -42,3 +42,15 @@ def test_a_file_that_does_not_verify_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ExportVerificationError, match=r"model\.onnx"):
         write_bundle(model, float_copy(TinyNet()), tmp_path, val[0][0][:2], val, ("onnx", "checkpoint"), plots=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_the_validation_data_is_named_not_reported_as_a_mismatch(bad, tmp_path):
+    # #15: it read as "ONNX Runtime does not match PyTorch"
+    from lightning_compress.errors import CompressionConfigError
+
+    val = val_batches(2)
+    val[1][0][3, 0, 2, 2] = bad
+    with pytest.raises(CompressionConfigError, match="validation batch 1 holds NaN or infinite values"):
+        write_bundle(TinyNet().eval(), float_copy(TinyNet()), tmp_path / "out", val[0][0][:2], val, plots=False)
+    assert not (tmp_path / "out").exists()
