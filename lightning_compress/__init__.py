@@ -14,6 +14,7 @@ from lightning_compress.callbacks import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
+from lightning_compress.callbacks.loading import CompressedCheckpointMixin
 from lightning_compress.config import Recipe, load_recipe
 from lightning_compress.core.pruning import fold_masks, prune
 from lightning_compress.deploy.measure import summarize
@@ -30,10 +31,11 @@ from lightning_compress.vision.data import (
 from lightning_compress.vision.models import build_model
 from lightning_compress.vision.module import ClassificationModule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # as in pyproject.toml (a test keeps the two equal)
 
 __all__ = [
     "ClassificationModule",
+    "CompressedCheckpointMixin",
     "CompressionConfigError",
     "CompressionExport",
     "DigitsDataModule",

@@ -4,6 +4,7 @@ model (:class:`ExportVerificationError`). Imports nothing of the package: every 
 
 from __future__ import annotations
 
+import importlib
 import reprlib
 from collections.abc import Iterable
 from difflib import get_close_matches
@@ -66,3 +67,30 @@ def brief(value: Any) -> str:
     """``repr(value)`` cut to :data:`BRIEF` characters: what a message may show of a user's value."""
     text = _SHORT.repr(value)
     return text if len(text) <= BRIEF else text[: BRIEF - 3] + "..."
+
+
+def require(module: str, extra: str, feature: str) -> Any:
+    """``module`` imported, or a :class:`CompressionConfigError` naming the extra that installs it.
+
+    Example::
+
+        ort = require("onnxruntime", "export", "CompressionExport's verification")
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise CompressionConfigError(
+            f"{feature} needs `{top}`, which is not installed. HINT: pip install 'lightning-compress[{extra}]'"
+        ) from None
+
+
+class Optional:
+    """A module imported on first use through :func:`require`: a package that imports it at its top
+    level still imports without the extra, and says which extra to install when the feature is used."""
+
+    def __init__(self, module: str, extra: str, feature: str) -> None:
+        self._where = (module, extra, feature)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(require(*self._where), name)

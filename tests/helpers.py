@@ -246,3 +246,34 @@ def quantised(bn: bool = False, config: QuantConfig | None = None, batches: int 
     for _ in range(batches):
         net(x)
     return net, x
+
+
+def wandb_logged(run_file: Any) -> dict[str, Any]:
+    """``{key: last value}`` of the history and summary records of a W&B ``run-<id>.wandb`` file, read as
+    the SDK writes it (a ``:W&B`` header, then LevelDB-log records of 32 KiB blocks holding protobuf
+    ``Record``s): how a test reads back what an offline run recorded."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    block, offset, pending, found = 32768, 7, b"", {}
+    while offset + 7 <= len(data):
+        room = block - offset % block
+        if room < 7:  # a block's tail too short for a header is padding
+            offset += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk, offset = data[offset + 7 : offset + 7 + length], offset + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind not in (1, 4):  # FIRST / MIDDLE: more of this record follows
+            continue
+        record = pb.Record.FromString(pending)
+        items = record.history.item if record.HasField("history") else record.summary.update
+        for item in items:
+            key = item.key or "/".join(item.nested_key)
+            found[key] = json.loads(item.value_json)
+    return found

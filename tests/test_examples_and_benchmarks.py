@@ -103,3 +103,34 @@ def test_zoo_defaults_benchmark_smoke(tmp_path):
     rows = json.loads((tmp_path / "zoo_defaults.json").read_text())
     assert {(r["setting"], r["arm"]) for r in rows} >= {("channel 50%", "raw L1, no floor"), ("low-rank 0.5", "ours")}
     assert all(0.0 <= r["acc"] <= 1.0 for r in rows) and "| cnn_tiny | unstructured 95% | ours |" in out
+
+
+def test_lightning_cli_example_runs_all_five_callbacks_and_refuses_a_bad_choice_at_parse_time(tmp_path):
+    # #16: a bad value (`scope: globl`) used to parse and then end in a ~40-line traceback from our constructor;
+    # the choices are `Literal` now, so jsonargparse refuses it before anything trains
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from lightning_compress import ClassificationModule
+
+    teacher = ClassificationModule("cnn_tiny", 10, 1)
+    dense = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
+    torch.save(dense, tmp_path / "teacher.ckpt")
+    script, config = ROOT / "examples" / "lightning_cli.py", ROOT / "examples" / "lightning_cli.yaml"
+    quick = ["--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false"]
+    done = subprocess.run([sys.executable, str(script), "fit", "--config", str(config), *quick], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "compressed-cli" / "report.json").read_text())
+    assert set(report["verification"]) == {"onnx", "onnx_int8"}
+    assert all(check["passed"] for check in report["verification"].values())
+    assert "LowRankFactorization at epoch 1" in done.stderr + done.stdout
+    (tmp_path / "bad.yaml").write_text(config.read_text().replace("scope: global", "scope: globl"))
+    bad = subprocess.run([sys.executable, str(script), "fit", "--config", str(tmp_path / "bad.yaml")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "Expected a typing.Literal['global', 'layer']. Got value: globl" in bad.stderr
+    assert not (tmp_path / "lightning_logs").exists()

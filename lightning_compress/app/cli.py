@@ -16,7 +16,14 @@ from lightning_compress.errors import CompressionConfigError, ExportVerification
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("lightning-compress")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        installed = "(not installed)"
     parser = argparse.ArgumentParser(prog="lightning-compress", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo", help="train a CNN dense, with 90%% GMP and with GMP + QAT int8 on embedded data; print the table"

@@ -23,7 +23,7 @@ from typing import Any
 
 from lightning_compress.app.run import train_recipe
 from lightning_compress.config.reading import read
-from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of, require
 
 METHODS = ("grid", "random")
 KEYS = ("program", "method", "metric", "parameters", "command", "name", "description", "project", "entity")
@@ -124,10 +124,8 @@ def run_sweep(
 
 
 def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plots", "the sweep's Pareto plot").use("Agg")
+    plt = require("matplotlib.pyplot", "plots", "the sweep's Pareto plot")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r["model_bytes"] for r in rows], [r[metric] for r in rows], color="tab:blue", label="trials")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -107,7 +107,7 @@ class KnowledgeDistillation(CompressionCallback):
         temperature: float = 4.0,
         alpha: float = 0.9,
         features: Mapping[str, str] | None = None,
-        feature_loss: str = "mse",
+        feature_loss: Literal["mse", "cosine"] = "mse",
         feature_weight: float = 1.0,
         input_fn: Callable[[Any], Tensor] | None = None,
         logits_fn: Callable[[Any], Tensor] | None = None,

@@ -23,7 +23,7 @@ from lightning_compress.deploy import report as rep
 from lightning_compress.deploy.bundle import FORMATS, write_bundle
 from lightning_compress.deploy.folder import check_replaceable
 from lightning_compress.deploy.onnx import float_copy
-from lightning_compress.errors import CompressionConfigError, config_error
+from lightning_compress.errors import CompressionConfigError, config_error, require
 
 LABEL_KEYS = ("target", "label", "labels", "y")  # where a dict batch keeps its labels
 
@@ -115,6 +115,10 @@ class CompressionExport(CompressionCallback):
                 "are no int8 scales to export. HINT: add QuantizationAwareTraining(...) to the callbacks, or drop "
                 "'onnx_int8' from `formats`"
             )
+        for module in ("onnx", "onnxruntime", "onnxscript"):  # before any compute: the extras it needs
+            require(module, "export", "CompressionExport")
+        if self.plots:
+            require("matplotlib", "plots", "CompressionExport(plots=True)")
         if trainer.is_global_zero:
             check_replaceable(self.dirpath)  # before any compute: the export replaces the folder as a whole
 
@@ -144,7 +148,11 @@ class CompressionExport(CompressionCallback):
             self._before = None
         self.report = report
         self._log(trainer, report)
-        rank_zero_info(f"CompressionExport wrote {sorted(report['files'])} and report.json to {self.dirpath}")
+        message = f"CompressionExport wrote {sorted(report['files'])} and report.json to {self.dirpath}"
+        if "checkpoint" in report["files"]:  # a compressed model does not load into a fresh one by itself
+            name = type(pl_module).__name__
+            message += f"; load it with lightning_compress.restore({name}(...), {str(self.dirpath / 'model.ckpt')!r})"
+        rank_zero_info(message)
 
     def _val_batches(self, trainer: pl.Trainer) -> list[tuple[Tensor, Tensor]]:
         loaders = trainer.val_dataloaders

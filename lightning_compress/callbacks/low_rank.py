@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -71,7 +71,7 @@ class LowRankFactorization(CompressionCallback):
         energy: float | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
-        conv_method: str = "svd",
+        conv_method: Literal["svd", "tucker2"] = "svd",
         state_key_suffix: str = "",
     ) -> None:
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:

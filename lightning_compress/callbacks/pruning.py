@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -91,8 +91,8 @@ class MagnitudePruning(CompressionCallback):
         end_epoch: float | None = None,
         initial_sparsity: float = 0.0,
         update_frequency: int | None = None,
-        schedule: str = "cubic",
-        scope: str = "global",
+        schedule: Literal["cubic", "linear", "constant"] = "cubic",
+        scope: Literal["global", "layer"] = "global",
         pattern: str = "unstructured",
         norm: str = "l1",
         include: Sequence[str] | str | None = None,

@@ -7,7 +7,7 @@ and the int8 file from :func:`lightning_compress.export_onnx`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -77,7 +77,7 @@ class QuantizationAwareTraining(CompressionCallback):
         weight_bits: int = 8,
         activation_bits: int = 8,
         per_channel: bool = True,
-        observer: str = "ema",
+        observer: Literal["ema", "minmax"] = "ema",
         freeze_observers_epoch: int | None = None,
         freeze_bn_epoch: int | None = None,
         fold_bn: bool = True,

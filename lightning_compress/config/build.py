@@ -7,6 +7,7 @@ own refusal (a ``TypeError`` / ``ValueError`` of a model, a data module or Light
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,13 @@ class Recipe:
     def loggers(self, run_name: str | None = None) -> list[Any]:
         """``logger: {wandb: {...}, csv: {...}}`` as Lightning loggers; a W&B run records the recipe as its config.
 
-        ``run_name`` names the W&B run and the CSV folder (a sweep's trials).
+        ``run_name`` names the W&B run and the CSV folder (a sweep's trials). Under ``wandb agent``
+        (``WANDB_SWEEP_ID`` set) a recipe without a ``logger`` section logs to the agent's W&B run, so the
+        sweep sees its metric.
         """
         section = self.config.get("logger") or {}
+        if not section and os.environ.get("WANDB_SWEEP_ID"):  # a trial of `wandb agent`: the sweep reads its run
+            section = {"wandb": {}}
         loggers: list[Any] = []
         if "csv" in section:
             from lightning.pytorch.loggers import CSVLogger

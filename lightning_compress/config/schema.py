@@ -145,7 +145,11 @@ def check_arguments(
     hints = _hints(factory)
     for key, value in arguments.items():
         if key in hints and not _yaml_fits(value, hints[key]):
-            problems.append(f"{prefix}{key}: must be {_describe(hints[key])}, got {brief(value)}")
+            choices = [a for a in typing.get_args(hints[key]) if isinstance(a, str)]
+            if typing.get_origin(hints[key]) is typing.Literal and isinstance(value, str):
+                problems.append(_unknown_value(f"{prefix}{key}", value, choices))
+            else:
+                problems.append(f"{prefix}{key}: must be {_describe(hints[key])}, got {brief(value)}")
     return problems
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.layers import weight_of
 from lightning_compress.core.pruning import BIAS_MASK, WEIGHT_MASK
+from lightning_compress.errors import require
 
 _MASK_BUFFERS = (WEIGHT_MASK, BIAS_MASK)
 
@@ -139,7 +140,7 @@ def summarize(model: nn.Module, example_input: Any | None = None) -> dict[str, i
 
 def ort_session(path: str | Path, spinning: bool = True) -> Any:
     """An ONNX Runtime CPU session for ``path`` (``spinning``: let idle intra-op threads spin)."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "export", "ONNX Runtime measurements and checks")
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")

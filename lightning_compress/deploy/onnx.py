@@ -28,12 +28,10 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import onnx
 import torch
-from onnx import helper, numpy_helper
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -44,7 +42,15 @@ from lightning_compress.core.pruning import fold_masks
 from lightning_compress.core.surgery import swap_modules, unpatched_copy
 from lightning_compress.deploy.folder import umask
 from lightning_compress.deploy.shrink import kept_channels, remove_zero_channels
-from lightning_compress.errors import CompressionConfigError
+from lightning_compress.errors import CompressionConfigError, Optional, require
+
+if TYPE_CHECKING:
+    import onnx
+    from onnx import helper, numpy_helper
+else:  # the `export` extra: imported when an ONNX file is written, not with the package
+    onnx = Optional("onnx", "export", "the ONNX export")
+    helper = Optional("onnx.helper", "export", "the ONNX export")
+    numpy_helper = Optional("onnx.numpy_helper", "export", "the ONNX export")
 
 OPSET = 18
 
@@ -324,8 +330,7 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
 
 
 def _qdq_to_onnx(x: Any, scale: Any, zero_point: Any, axis: int, qmin: int, qmax: int) -> Any:
-    from onnxscript import opset18 as op
-
+    op = require("onnxscript", "export", "the int8 ONNX export").opset18
     quantised = op.QuantizeLinear(x, scale, zero_point, axis=axis)
     return op.DequantizeLinear(quantised, scale, zero_point, axis=axis)
 
@@ -428,6 +433,8 @@ def write_onnx(
     Raises:
         CompressionConfigError: the folder cannot be written.
     """
+    for module in ("onnx", "onnxscript"):  # torch's exporter imports onnxscript: say which extra it is
+        require(module, "export", "the ONNX export")
     path = Path(path)
     export: nn.Module = prepared.cpu().eval().requires_grad_(False)
     example = example_input.detach().cpu()

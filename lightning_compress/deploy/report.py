@@ -31,7 +31,7 @@ from lightning_compress.core.layers import select_layers, weight_of
 from lightning_compress.core.low_rank import LowRank
 from lightning_compress.core.quantization import quantized_layers, weight_quantizer
 from lightning_compress.deploy.measure import summarize
-from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of, require
 
 REPORT_VERSION = 1
 
@@ -97,10 +97,8 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def plots(report: Mapping[str, Any], folder: Path) -> list[Path]:
     """``layers.png`` (per-layer sparsity, ranks and bits) and ``before_after.png``; needs matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plots", "the export's plots (or plots=False)").use("Agg")
+    plt = require("matplotlib.pyplot", "plots", "the export's plots (or plots=False)")
 
     def save(fig: Any, ax: Any, name: str, ylabel: str, rotation: int) -> Path:
         ax.set_ylabel(ylabel)

@@ -128,6 +128,24 @@ def restore(
         CompressionConfigError: an unreadable file, or weights that do not fit ``model``.
     """
     loaded = read_checkpoint(checkpoint)
+    state = rebuild_structure(model, loaded, quant_config)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        cause = str(error)[:600].strip().rstrip(".")
+        raise CompressionConfigError(
+            f"the checkpoint's weights do not fit {type(model).__name__}: {cause}. HINT: pass a fresh instance of "
+            "the class that was trained, built with the same arguments"
+        ) from error
+    return model
+
+
+def rebuild_structure(
+    model: nn.Module, loaded: Mapping[str, Any], quant_config: quantization.QuantConfig | None = None
+) -> Mapping[str, Any]:
+    """What :func:`restore` does before loading the weights: factorised layers, pruning masks and fake
+    quantisation rebuilt in ``model`` from a loaded checkpoint's keys; returns its state dict. Also what
+    :class:`lightning_compress.CompressedCheckpointMixin` runs in ``on_load_checkpoint``."""
     state = loaded.get("state_dict", loaded)
     low_rank.rebuild(model, state)
     modules = dict(model.named_modules())
@@ -144,12 +162,4 @@ def restore(
         config = quant_config or quantization.QuantConfig.from_dict(qat.get("config") or {})
         quantization.attach(model, config, include=quantized)
         quantization.link_batchnorms(model, dict(qat.get("bn_pairs", {})))
-    try:
-        model.load_state_dict(state, strict=strict)
-    except RuntimeError as error:
-        cause = str(error)[:600].strip().rstrip(".")
-        raise CompressionConfigError(
-            f"the checkpoint's weights do not fit {type(model).__name__}: {cause}. HINT: pass a fresh instance of "
-            "the class that was trained, built with the same arguments"
-        ) from error
-    return model
+    return state

