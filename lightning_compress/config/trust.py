@@ -16,6 +16,7 @@ import ast
 import contextlib
 import importlib
 import importlib.machinery
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -113,8 +114,8 @@ def _find_spec(module_name: str, folders: Sequence[Path]) -> Any:
             spec = sys.modules[qualified].__spec__  # already imported: it runs nothing more
         else:
             spec = importlib.machinery.PathFinder.find_spec(qualified, search)
-            if spec is None and i == 0:
-                spec = importlib.machinery.BuiltinImporter.find_spec(part)
+            if spec is None and i == 0:  # the environment's own finders (editable installs, built-ins): a
+                spec = importlib.util.find_spec(part)  # top-level name is found without running anything
         if spec is None:
             return None
         search = list(spec.submodule_search_locations or [])

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -104,7 +105,7 @@ def swap_in(staging: Path, folder: Path) -> None:
 def clean_stale(folder: Path) -> None:
     """Remove the staging and old folders of exports into ``folder`` whose process is gone; put a bundle
     renamed aside back if ``folder`` is missing (a crash between the fallback's two renames)."""
-    for path in sorted(folder.parent.glob(f".{folder.name}.*-*")):
+    for path in sorted(folder.parent.glob(f".{glob.escape(folder.name)}.*-*")):
         kind, _, rest = path.name[len(folder.name) + 2 :].partition("-")
         pid = rest.split("-")[0]
         if kind not in ("export", "old") or not pid.isdigit() or _alive(int(pid)):

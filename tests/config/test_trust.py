@@ -93,3 +93,27 @@ def test_a_folder_the_recipe_lists_is_searched_relative_to_the_recipe(tmp_path, 
 def test_names_that_are_not_classes_of_a_findable_module_are_refused(path):
     with pytest.raises(CompressionConfigError, match=r"model\.class_path"):
         locate_class(path, "model.class_path", "LightningModule")
+
+
+def test_a_package_installed_editable_is_found_by_the_environments_own_finder(tmp_path, monkeypatch):
+    # `pip install -e .` installs a finder on sys.meta_path, not a folder on sys.path: the source check must
+    # find the package through it (without importing it)
+    import importlib.util
+
+    (tmp_path / "editable_pkg").mkdir()
+    (tmp_path / "editable_pkg" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (tmp_path / "editable_pkg" / "models.py").write_text(USER_MODULE)
+
+    class EditableFinder:  # what setuptools' editable finder does: map a top-level name to a folder
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name != "editable_pkg":
+                return None
+            package = tmp_path / "editable_pkg"
+            return importlib.util.spec_from_file_location(
+                name, package / "__init__.py", submodule_search_locations=[str(package)]
+            )
+
+    monkeypatch.setattr(sys, "meta_path", [EditableFinder, *sys.meta_path])
+    found = locate_class("editable_pkg.models.MyModule", "model.class_path", "LightningModule")
+    assert found == tmp_path / "editable_pkg" / "models.py" and "editable_pkg" not in sys.modules
