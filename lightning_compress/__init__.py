@@ -1,6 +1,6 @@
 """lightning_compress: make networks smaller and faster while they train with ``lightning.Trainer``.
 
-The public API, by layer (``ARCHITECTURE.md`` in the repository says how they fit together):
+The public API, by layer (``docs/architecture.md`` says how they fit together):
 ``app`` (command line, recipe runs, sweeps, demo) > ``config`` (recipes) > ``callbacks`` (one thin
 Lightning callback per technique) > ``deploy`` (ONNX export, physical channel removal, measurement,
 report, ``restore``) > ``core`` (the plain-torch techniques), beside ``vision`` (data, models,

@@ -21,6 +21,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per cor
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def wandb_environment():
+    """W&B's variables as each test found them: ``wandb.init`` in a test sets ``WANDB_SERVICE`` (its service's
+    socket) and ``WANDB_MODE=dryrun`` for the process, which a later test's subprocess would inherit, logging
+    to the first test's service instead of its own folder."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("WANDB_") and k not in saved]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
     """Both ranks' records from one DDP run of tests/ddp_run.py (every callback, 2 CPU processes)."""

@@ -248,17 +248,15 @@ def quantised(bn: bool = False, config: QuantConfig | None = None, batches: int 
     return net, x
 
 
-def wandb_logged(run_file: Any) -> dict[str, Any]:
-    """``{key: last value}`` of the history and summary records of a W&B ``run-<id>.wandb`` file, read as
-    the SDK writes it (a ``:W&B`` header, then LevelDB-log records of 32 KiB blocks holding protobuf
-    ``Record``s): how a test reads back what an offline run recorded."""
-    import json
+def wandb_records(run_file: Any) -> list[Any]:
+    """The protobuf ``Record``s of a W&B ``run-<id>.wandb`` file, read as the SDK writes it (a ``:W&B`` header,
+    then LevelDB-log records of 32 KiB blocks): how a test reads back what an offline run recorded."""
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(run_file).read_bytes()
-    block, offset, pending, found = 32768, 7, b"", {}
+    block, offset, pending, records = 32768, 7, b"", []
     while offset + 7 <= len(data):
         room = block - offset % block
         if room < 7:  # a block's tail too short for a header is padding
@@ -269,11 +267,31 @@ def wandb_logged(run_file: Any) -> dict[str, Any]:
         if kind == 0 and length == 0:
             continue
         pending = chunk if kind in (1, 2) else pending + chunk
-        if kind not in (1, 4):  # FIRST / MIDDLE: more of this record follows
-            continue
-        record = pb.Record.FromString(pending)
+        if kind in (1, 4):  # FULL / LAST: the record is complete (FIRST / MIDDLE: more follows)
+            records.append(pb.Record.FromString(pending))
+    return records
+
+
+def wandb_logged(run_file: Any) -> dict[str, Any]:
+    """``{key: last value}`` of the history and summary records of a W&B run file."""
+    import json
+
+    found: dict[str, Any] = {}
+    for record in wandb_records(run_file):
         items = record.history.item if record.HasField("history") else record.summary.update
         for item in items:
-            key = item.key or "/".join(item.nested_key)
-            found[key] = json.loads(item.value_json)
+            found[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return found
+
+
+def wandb_config(run_file: Any) -> dict[str, Any]:
+    """The run's config as its records left it (``{key: value}``, W&B's own ``_wandb`` key left out)."""
+    import json
+
+    config: dict[str, Any] = {}
+    for record in wandb_records(run_file):  # wandb.init's config rides on the run record, later changes on their own
+        updates = record.run.config.update if record.HasField("run") else record.config.update
+        for item in updates:
+            config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    config.pop("_wandb", None)
+    return config

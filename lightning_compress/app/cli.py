@@ -40,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--teacher-epochs", type=int, default=6)
     pipeline.add_argument("--epochs", type=int, default=8)
     pipeline.add_argument("--seed", type=int, default=0)
-    pipeline.add_argument("--out", default=None, help="keep the exported files here (default: a temporary folder)")
+    pipeline.add_argument(
+        "--out", default="demo-output", help="the folder it keeps its results in: ONNX files, the compressed bundle "
+        "(report, plots) and results.md (default: demo-output)"
+    )
     for name, text in (("fit", "train with a recipe's compression callbacks"), ("validate", "check a recipe")):
         command = commands.add_parser(name, help=f"{text}; override any key with --a.b.c=VALUE", allow_abbrev=False)
         command.add_argument("recipe", help="a recipe YAML file (see recipes/)")
@@ -56,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--count", type=int, default=4, help="trials to run (default: 4)")
     sweep.add_argument("--out", default="sweep", help="output folder for results.csv, pareto.png and the runs")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    sweep.add_argument(
+        "--wandb-project", default=None, metavar="PROJECT", help="log each trial, the results and the Pareto front to "
+        "this W&B project (offline with WANDB_MODE=offline)"
+    )
+    sweep.add_argument(
+        "--check", action="store_true", help="run one short trial and check the sweep's metric is logged (before "
+        "`wandb sweep`: W&B's agent cannot tell a trial its metric)"
+    )
     export = commands.add_parser(
         "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
     )
@@ -68,11 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--formats", nargs="+", default=None, help="onnx, onnx_int8, checkpoint (default: all it can)")
     export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks")
     export.add_argument("--no-physical", action="store_true", help="keep zero channels (no physical removal)")
+    export.add_argument(
+        "--baseline", default=None, metavar="CKPT", help="a checkpoint (e.g. the dense model) whose accuracy the "
+        "report compares with (default: none; the untrained model never is)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    from lightning_compress.app.quiet import quiet_lightning
+
+    quiet_lightning()
     args, extra = _parser().parse_known_args(argv)
     if extra and args.command not in ("fit", "validate"):
         _parser().error(f"unrecognized arguments: {' '.join(extra)}")
@@ -83,9 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             train = args.command == "fit"
             return fit_recipe(args.recipe, extra, args.print_config, train=train, python_path=args.python_path)
         if args.command == "sweep":
-            from lightning_compress.app.sweep import run_sweep
+            from lightning_compress.app.sweep import check_sweep, run_sweep
 
-            rows = run_sweep(args.sweep, args.count, args.out, args.seed)
+            if args.check:
+                figures = check_sweep(args.sweep, args.out)
+                print(f"{args.sweep}: one short trial logged the metric; it logs {', '.join(sorted(figures))}")
+                return 0
+            rows = run_sweep(args.sweep, args.count, args.out, args.seed, args.wandb_project)
             print(f"{len(rows)} trials; results.csv and pareto.png in {args.out}")
             for row in rows:
                 print(row)
@@ -101,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lightning_compress.app.run import export_checkpoint
 
             export_checkpoint(
-                args.checkpoint, args.out, args.data, args.formats, not args.no_verify, not args.no_physical
+                args.checkpoint, args.out, args.data, args.formats, not args.no_verify, not args.no_physical,
+                args.baseline,
             )
     except CompressionConfigError as err:
         print(f"lightning-compress: error: {err}", file=sys.stderr)

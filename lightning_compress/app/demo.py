@@ -102,43 +102,58 @@ def run_demo(
 
 
 def run_pipeline(
-    data: str = "mnist5k", teacher_epochs: int = 6, epochs: int = 8, seed: int = 0, out: str | None = None
+    data: str = "mnist5k", teacher_epochs: int = 6, epochs: int = 8, seed: int = 0, out: str = "demo-output"
 ) -> dict[str, dict[str, float]]:
     """The full pipeline (the README's main job): a dense ``cnn_wide`` teacher, then a ``cnn_small``
     student with low-rank + GMP 80% + QAT int8 + KD from that teacher, exported and verified by
-    ``CompressionExport``; a dense ``cnn_small`` for reference. Prints accuracy, bytes and ORT latency.
+    ``CompressionExport``; a dense ``cnn_small`` for reference. Prints accuracy, bytes and ORT latency, and
+    keeps everything in ``out``: ``teacher.onnx``, ``dense.onnx``, ``compressed/`` (the bundle: ONNX files,
+    checkpoint, report, plots) and ``results.md`` (the table).
     """
+    from importlib.util import find_spec
+
     datamodule = get_datamodule(data, seed=seed)
     datamodule.setup("fit")
     example = datamodule.example_input(2)
     batch = next(iter(datamodule.val_dataloader()))[0][:64]
     rows: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        target = Path(out or folder)
-        paths: dict[str, Path] = {}
-        teacher, teacher_acc = train("cnn_wide", data, teacher_epochs, seed)
-        paths["dense teacher cnn_wide"] = export_onnx(teacher.model, example, target / "teacher.onnx")
-        dense, dense_acc = train("cnn_small", data, epochs, seed)
-        paths["dense cnn_small"] = export_onnx(dense.model, example, target / "dense.onnx")
-        export = CompressionExport(target / "compressed", plots=False)
-        compression = [
-            LowRankFactorization(epoch=1, ratio=0.5, include=["model.classifier.1"]),
-            MagnitudePruning(0.8, start_epoch=1, end_epoch=max(2, epochs - 3)),
-            QuantizationAwareTraining(start_epoch=max(2, epochs - 2)),
-            KnowledgeDistillation(teacher),
-            export,
-        ]
-        _, student_acc = train("cnn_small", data, epochs, seed, compression)
-        paths["cnn_small: low-rank + GMP 80% + QAT int8 + KD"] = Path(export.report["files"]["onnx_int8"]["path"])
-        accuracy = [teacher_acc, dense_acc, student_acc]
-        for (name, path), acc in zip(paths.items(), accuracy, strict=True):
-            rows[name] = {
-                "onnx_bytes": path.stat().st_size,
-                "onnx_acc": ort_accuracy(path, datamodule.val_dataloader()),
-                "val_acc": acc,
-            }
-        for name, path in paths.items():  # latency after training: one session at a time, interleaved
-            rows[name]["latency_ms"] = ort_latency_ms(path, batch)
-    print(f"\nthe full pipeline on {data}: teacher {teacher_epochs} epochs, students {epochs} epochs, seed {seed}\n")
-    print(format_table(rows, ["onnx_bytes", "val_acc", "onnx_acc", "latency_ms"]))
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    student = "cnn_small: low-rank + GMP 80% + QAT int8 + KD"
+    print(f"[1/3] dense teacher cnn_wide on {data}, {teacher_epochs} epochs", flush=True)
+    teacher, teacher_acc = train("cnn_wide", data, teacher_epochs, seed)
+    paths["dense teacher cnn_wide"] = export_onnx(teacher.model, example, target / "teacher.onnx")
+    print(f"[2/3] dense cnn_small on {data}, {epochs} epochs (the reference)", flush=True)
+    dense, dense_acc = train("cnn_small", data, epochs, seed)
+    paths["dense cnn_small"] = export_onnx(dense.model, example, target / "dense.onnx")
+    print(f"[3/3] {student} from the teacher, {epochs} epochs, exported and verified", flush=True)
+    export = CompressionExport(target / "compressed", plots=find_spec("matplotlib") is not None)
+    compression = [
+        LowRankFactorization(epoch=1, ratio=0.5, include=["model.classifier.1"]),
+        MagnitudePruning(0.8, start_epoch=1, end_epoch=max(2, epochs - 3)),
+        QuantizationAwareTraining(start_epoch=max(2, epochs - 2)),
+        KnowledgeDistillation(teacher),
+        export,
+    ]
+    _, student_acc = train("cnn_small", data, epochs, seed, compression)
+    paths[student] = Path(export.report["files"]["onnx_int8"]["path"])
+    accuracy = [teacher_acc, dense_acc, student_acc]
+    for (name, path), acc in zip(paths.items(), accuracy, strict=True):
+        rows[name] = {
+            "onnx_bytes": path.stat().st_size,
+            "onnx_acc": ort_accuracy(path, datamodule.val_dataloader()),
+            "val_acc": acc,
+        }
+    for name, path in paths.items():  # latency after training: one session at a time, interleaved
+        rows[name]["latency_ms"] = ort_latency_ms(path, batch)
+    title = f"the full pipeline on {data}: teacher {teacher_epochs} epochs, students {epochs} epochs, seed {seed}"
+    table = format_table(rows, ["onnx_bytes", "val_acc", "onnx_acc", "latency_ms"])
+    (target / "results.md").write_text(f"# {title}\n\n{table}\n")
+    print(f"\n{title}\n\n{table}\n")
+    print(f"kept in {target}/: teacher.onnx, dense.onnx, results.md and compressed/ ({', '.join(_bundle(target))})")
     return rows
+
+
+def _bundle(target: Path) -> list[str]:
+    return sorted(p.name for p in (target / "compressed").iterdir())

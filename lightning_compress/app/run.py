@@ -7,7 +7,7 @@ them imports another's module for it.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +25,24 @@ def export_checkpoint(
     formats: Sequence[str] | None = None,
     verify: bool = True,
     physical: bool = True,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
-    """``lightning-compress export``: rebuild the compressed model from ``path`` and write the bundle."""
+    """``lightning-compress export``: rebuild the compressed model from ``path`` and write the bundle; the report
+    compares its accuracy with the ``baseline`` checkpoint's (none by default)."""
     from lightning_compress.core.quantization import quantized_layers
     from lightning_compress.deploy.bundle import write_bundle
     from lightning_compress.deploy.onnx import float_copy
     from lightning_compress.deploy.report import check_formats
-    from lightning_compress.deploy.restore import read_checkpoint, restore
+    from lightning_compress.deploy.restore import read_checkpoint
     from lightning_compress.vision.data import get_datamodule
     from lightning_compress.vision.module import TRAINED_ON, ClassificationModule
 
     checkpoint = read_checkpoint(path)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if not isinstance(hparams.get("model"), str):
-        raise CompressionConfigError(
-            f"`export` needs a checkpoint of lightning_compress's ClassificationModule (with a named model), and "
-            f"{path!r} has none. HINT: for your own LightningModule add CompressionExport(...) to its Trainer"
-        )
-    problems = check_arguments("hyper_parameters.", ClassificationModule, hparams)
-    if problems:
-        wrong = "; ".join(problems)
-        raise CompressionConfigError(f"the checkpoint {path!r} has hyper-parameters that do not fit: {wrong}")
-    model = restore(built("hyper_parameters", lambda: ClassificationModule(**hparams)), checkpoint).eval()
+    model, hparams = _classification_module(path, checkpoint)
     before = float_copy(ClassificationModule(**hparams))
+    baselines = {}
+    if baseline:  # e.g. the dense run's checkpoint: what the compressed accuracy is compared with
+        baselines[Path(baseline).name] = _classification_module(baseline, read_checkpoint(baseline))[0]
     trained_on = dict(checkpoint.get(TRAINED_ON) or {})
     data = data or trained_on.get("data") or "mnist5k"
     datamodule = built("--data", lambda: get_datamodule(data, batch_size=250))
@@ -59,13 +54,34 @@ def export_checkpoint(
     if "onnx_int8" in chosen and not quantized_layers(model):
         raise CompressionConfigError(f"{path!r} has no fake quantisation: `onnx_int8` needs a run with QAT")
     report = write_bundle(
-        model, before, out, val[0][0][:2], val, chosen, dict(checkpoint), verify, physical, before_accuracy=False
+        model, before, out, val[0][0][:2], val, chosen, dict(checkpoint), verify, physical, baselines=baselines
     )
     after, first = report["after"], report["before"]
     accuracy = 100 * after.get("ort_accuracy", 0.0)
     print(f"wrote {', '.join(sorted(report['files']))} and report.json to {out}")
-    print(f"params {first['params']:,.0f} -> {after['params']:,.0f}; ONNX Runtime top-1 {accuracy:.2f}%")
+    line = f"params {first['params']:,.0f} -> {after['params']:,.0f}; ONNX Runtime top-1 {accuracy:.2f}%"
+    if report["baseline"]:
+        line += f" (baseline {baseline}: {100 * report['baseline']['ort_accuracy']:.2f}%)"
+    print(line)
     return report
+
+
+def _classification_module(path: str, checkpoint: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The ``ClassificationModule`` a checkpoint of one describes, its weights restored; and its hyper-parameters."""
+    from lightning_compress.deploy.restore import restore
+    from lightning_compress.vision.module import ClassificationModule
+
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if not isinstance(hparams.get("model"), str):
+        raise CompressionConfigError(
+            f"`export` needs a checkpoint of lightning_compress's ClassificationModule (with a named model), and "
+            f"{path!r} has none. HINT: for your own LightningModule add CompressionExport(...) to its Trainer"
+        )
+    problems = check_arguments("hyper_parameters.", ClassificationModule, hparams)
+    if problems:
+        wrong = "; ".join(problems)
+        raise CompressionConfigError(f"the checkpoint {path!r} has hyper-parameters that do not fit: {wrong}")
+    return restore(built("hyper_parameters", lambda: ClassificationModule(**hparams)), checkpoint).eval(), hparams
 
 
 def _check_data(path: str, trained_on: dict[str, Any], data: str, val: list[tuple[Any, Any]]) -> None:
@@ -128,7 +144,12 @@ def train_recipe(
         loggers = [CSVLogger(log_dir, name=run_name or "run")]
     trainer = build_trainer(recipe, callbacks, loggers)
     model = recipe.model()
-    trainer.fit(model, datamodule=recipe.datamodule())
+    try:
+        trainer.fit(model, datamodule=recipe.datamodule())
+    finally:  # a W&B run left open would take the next trial's logging (wandb.init returns the open run)
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+                logger.experiment.finish()
     figures = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     export = next((c for c in callbacks if isinstance(c, CompressionExport)), None)
     files = export.report.get("files", {}) if export is not None else {}

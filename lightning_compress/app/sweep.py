@@ -4,7 +4,10 @@ A sweep file is what ``wandb sweep`` takes: ``method`` (``grid`` or ``random`` h
 (``name``, ``goal``), ``parameters`` keyed by dotted recipe keys (``values``, ``value``, or ``min`` /
 ``max`` for random), and a ``command`` that runs ``lightning-compress fit RECIPE ${args}``.
 :func:`run_sweep` runs the same search here, one trial at a time, then writes ``results.csv`` and
-``pareto.png`` (the metric against model bytes, the Pareto front marked).
+``pareto.png`` (the metric against model bytes, the Pareto front marked); with a W&B project, each trial
+is a W&B run of one group and a last run of that group logs the results and the front as tables and the
+plot. :func:`check_sweep` runs one short trial to confirm the sweep's ``metric.name`` is what the recipe
+logs (W&B's agent gives a trial no way to know the metric: check before ``wandb sweep``).
 
 Example::
 
@@ -17,6 +20,7 @@ import csv
 import itertools
 import os
 import random
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,20 +101,31 @@ def pareto_front(points: Sequence[tuple[float, float]], maximize: bool = True) -
     return front
 
 
+SHORT_TRIAL = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]
+
+
 def run_sweep(
-    path: str | os.PathLike[str], count: int, out: str | os.PathLike[str], seed: int = 0
-) -> list[dict[str, Any]]:
-    """Run ``count`` trials of the sweep locally (offline), then write ``results.csv`` and ``pareto.png``."""
+    path: str | os.PathLike[str], count: int, out: str | os.PathLike[str], seed: int = 0,
+    wandb_project: str | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Run ``count`` trials of the sweep here, then write ``results.csv`` and ``pareto.png``.
+
+    With ``wandb_project``, each trial logs to a W&B run (group: the sweep's name and the time) and one more
+    run of the group logs ``sweep/results`` and ``sweep/pareto_front`` tables and the ``sweep/pareto`` plot
+    (offline too: ``WANDB_MODE=offline``; the runs are under ``out``).
+    """
     sweep = load_sweep(path)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     metric, maximize = sweep["metric"]["name"], sweep["metric"].get("goal", "maximize") == "maximize"
+    group = f"{sweep.get('name') or Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logging = [f"--logger.wandb.project={wandb_project}", f"--logger.wandb.group={group}",
+               f"--logger.wandb.save_dir={folder}"] if wandb_project else []  # fmt: skip
     rows = []
     for index, parameters in enumerate(trials(sweep, count, seed)):
-        overrides = [f"--{key}={value}" for key, value in parameters.items()]
+        overrides = [f"--{key}={value}" for key, value in parameters.items()] + logging
         figures = train_recipe(sweep["recipe"], overrides, run_name=f"trial-{index}", log_dir=str(folder))
-        if metric not in figures:
-            raise CompressionConfigError(f"the sweep's metric {metric!r} was not logged; logged: {sorted(figures)}")
+        _check_metric(metric, figures, path)
         rows.append({"trial": index, **parameters, metric: figures[metric], "model_bytes": figures["model_bytes"]})
     front = set(pareto_front([(r[metric], r["model_bytes"]) for r in rows], maximize))
     for i, row in enumerate(rows):
@@ -119,20 +134,51 @@ def run_sweep(
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _plot(rows, metric, folder / "pareto.png")
+    _plot(rows, metric, maximize, folder / "pareto.png", sweep.get("name") or Path(path).stem)
+    if wandb_project:
+        from lightning_compress.integrations.wandb import log_sweep
+
+        log_sweep(wandb_project, group, folder, rows, {k: v for k, v in sweep.items() if k != "recipe"})
     return rows
 
 
-def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+def check_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, float]:
+    """One short trial of the sweep's first parameter set (one epoch, two batches): the metric must be logged.
+
+    Raises:
+        CompressionConfigError: the metric is not among what the trial logged (the message lists those).
+    """
+    sweep = load_sweep(path)
+    first = trials(sweep, 1)[0]
+    overrides = [f"--{key}={value}" for key, value in first.items()] + SHORT_TRIAL
+    figures = train_recipe(sweep["recipe"], overrides, run_name="check", log_dir=str(out))
+    _check_metric(sweep["metric"]["name"], figures, path)
+    return figures
+
+
+def _check_metric(metric: str, figures: Mapping[str, float], path: str | os.PathLike[str]) -> None:
+    if metric not in figures:
+        hint = did_you_mean(metric, list(figures))
+        raise CompressionConfigError(
+            f"{path}: the sweep's metric.name {metric!r} is not logged by its recipe, which logs "
+            f"{', '.join(sorted(figures))}. HINT: {hint or 'name one of them in metric.name'}"
+        )
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, maximize: bool, path: Path, name: str) -> None:
     require("matplotlib", "plots", "the sweep's Pareto plot").use("Agg")
     plt = require("matplotlib.pyplot", "plots", "the sweep's Pareto plot")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([r["model_bytes"] for r in rows], [r[metric] for r in rows], color="tab:blue", label="trials")
+    for row in rows:
+        ax.annotate(f"trial {row['trial']}", (row["model_bytes"], row[metric]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["model_bytes"])
     ax.plot([r["model_bytes"] for r in front], [r[metric] for r in front], "o-", color="tab:red", label="Pareto front")
-    ax.set_xlabel("model bytes")
-    ax.set_ylabel(metric)
+    ax.set_title(f"{name}: {metric} against model bytes, {len(rows)} trials")
+    ax.set_xlabel("model bytes (exported file, zlib-compressed)")
+    ax.set_ylabel(f"{metric} ({'higher' if maximize else 'lower'} is better)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -7,6 +7,7 @@ checks and report come from :func:`lightning_compress.deploy.bundle.write_bundle
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,19 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.callbacks.base import CompressionCallback, check_strategy, find_callback
+from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.core.quantization import quantized_layers
 from lightning_compress.deploy import report as rep
 from lightning_compress.deploy.bundle import FORMATS, write_bundle
 from lightning_compress.deploy.folder import check_replaceable
 from lightning_compress.deploy.onnx import float_copy
-from lightning_compress.errors import CompressionConfigError, config_error, require
+from lightning_compress.deploy.restore import read_checkpoint, restore
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of, require
 
 LABEL_KEYS = ("target", "label", "labels", "y")  # where a dict batch keeps its labels
+BASELINES = ("auto", "teacher", "start", "first_epoch")  # besides a checkpoint path, a module, or None
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # what W&B allows in an artifact's name
 
 
 class CompressionExport(CompressionCallback):
@@ -41,7 +46,8 @@ class CompressionExport(CompressionCallback):
     :class:`~lightning_compress.errors.ExportVerificationError` and nothing is written. Then
     ``report.json`` (keys documented in :mod:`lightning_compress.deploy.report`), ``report.md`` and PNG
     plots compare the model as fit started with the exported one: params, non-zeros, MACs, bytes
-    (raw and compressed), ONNX bytes, ORT accuracy on the validation data and ORT latency.
+    (raw and compressed), ONNX bytes and ORT latency; and the exported files' ORT accuracy on the validation
+    data with a ``baseline``'s — never with the untrained model a fit from scratch starts from.
     ``dirpath`` is replaced as a whole once the new bundle is complete and verified (built beside it and
     swapped in with one rename: :mod:`lightning_compress.deploy.folder`). The headline figures
     (``export/*``) go to every logger.
@@ -59,6 +65,16 @@ class CompressionExport(CompressionCallback):
         val_batches: at most this many validation batches for the ORT accuracy (None: all).
         logits_fn: ``output -> logits`` for a ``forward`` that returns more than the logits; default a
             tensor, a ``logits`` key or attribute, or a tuple's first element (as distillation finds them).
+        baseline: what the accuracy is compared with: ``"teacher"`` (the ``KnowledgeDistillation`` teacher),
+            ``"start"`` (the model as fit started: a pretrained model being compressed), ``"first_epoch"`` (the
+            model at the end of the fit's first epoch), a checkpoint file of this module (e.g. the dense run's,
+            read with :func:`~lightning_compress.restore`), an ``nn.Module`` taking the same input, or
+            ``None``. ``"auto"`` (default): the teacher when there is one, else the more accurate of
+            ``start`` and ``first_epoch`` (a pretrained model is its own baseline; one trained from scratch
+            is compared with its first epoch, not with random weights). ``report.json``'s ``baseline`` names it.
+        artifact_name: the W&B artifact's name (letters, digits, ``-``, ``_``, ``.``), the same every run so
+            W&B keeps the exports as versions of one artifact; default ``compressed-<module class>[-<model>]``
+            (a recipe's export: ``compressed-<recipe file name>``).
 
     Raises:
         CompressionConfigError: an unknown format, ``onnx_int8`` without quantisation-aware
@@ -80,6 +96,8 @@ class CompressionExport(CompressionCallback):
         plots: bool = True,
         val_batches: int | None = None,
         logits_fn: Callable[[Any], Tensor] | None = None,
+        baseline: str | os.PathLike[str] | nn.Module | None = "auto",
+        artifact_name: str | None = None,
     ) -> None:
         if not isinstance(dirpath, (str, os.PathLike)):
             raise config_error("dirpath", "a folder path", dirpath)
@@ -93,7 +111,14 @@ class CompressionExport(CompressionCallback):
             raise config_error("val_batches", "a positive number of batches or None", val_batches)
         if logits_fn is not None and not callable(logits_fn):
             raise config_error("logits_fn", "a callable or None", logits_fn)
+        if baseline is not None and not isinstance(baseline, (str, os.PathLike, nn.Module)):
+            raise config_error("baseline", f"{one_of(BASELINES)}, a checkpoint path, a module or None", baseline)
+        named = isinstance(artifact_name, str) and ARTIFACT_NAME.fullmatch(artifact_name)
+        if artifact_name is not None and not named:
+            raise config_error("artifact_name", "a W&B artifact name: letters, digits, '-', '_' and '.'", artifact_name)
         self.logits_fn = logits_fn
+        self.baseline, self.artifact_name = baseline, artifact_name
+        self._first_epoch: nn.Module | None = None
         self.dirpath = Path(dirpath)
         self.example_input = example_input
         self.verify, self.physical, self.plots, self.val_batches = verify, physical, plots, val_batches
@@ -119,17 +144,34 @@ class CompressionExport(CompressionCallback):
             require(module, "export", "CompressionExport")
         if self.plots:
             require("matplotlib", "plots", "CompressionExport(plots=True)")
+        if self.baseline == "teacher" and find_callback(trainer, KnowledgeDistillation) is None:
+            raise CompressionConfigError(
+                "CompressionExport(baseline='teacher') needs a KnowledgeDistillation callback in the Trainer. HINT: "
+                "baseline='auto' (the teacher when there is one), 'first_epoch', 'start' or a checkpoint path"
+            )
+        if isinstance(self.baseline, (str, os.PathLike)) and str(self.baseline) not in BASELINES:
+            if not Path(self.baseline).is_file():
+                hint = did_you_mean(str(self.baseline), BASELINES)
+                raise config_error("baseline", f"{one_of(BASELINES)}, a checkpoint file, a module or None",
+                                   self.baseline, hint or "no such file")  # fmt: skip
+            read_checkpoint(self.baseline)  # a file that is not a checkpoint fails here, not after training
         if trainer.is_global_zero:
             check_replaceable(self.dirpath)  # before any compute: the export replaces the folder as a whole
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before = float_copy(pl_module).cpu() if trainer.is_global_zero else None
+        self._first_epoch = None
 
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wanted = self.baseline == "first_epoch" or (self.baseline == "auto" and self._teacher(trainer) is None)
+        if wanted and self._first_epoch is None and self._before is not None:
+            self._first_epoch = float_copy(pl_module).cpu()
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        self._before = None  # the model's float copy: no more than the fit's memory outlives it
+        self._before = self._first_epoch = None  # the model's float copies: no more than the fit's memory outlives it
 
     # -- the export ----------------------------------------------------------------------------------
     @override
@@ -143,16 +185,45 @@ class CompressionExport(CompressionCallback):
             report = write_bundle(
                 pl_module, self._before, self.dirpath, example, val, self._formats, checkpoint,
                 verify=self.verify, physical=self.physical, plots=self.plots, logits_fn=self.logits_fn,
+                baselines=self._baselines(trainer, self._before),
             )  # fmt: skip
         finally:
-            self._before = None
+            self._before = self._first_epoch = None
         self.report = report
         self._log(trainer, report)
         message = f"CompressionExport wrote {sorted(report['files'])} and report.json to {self.dirpath}"
         if "checkpoint" in report["files"]:  # a compressed model does not load into a fresh one by itself
             name = type(pl_module).__name__
             message += f"; load it with lightning_compress.restore({name}(...), {str(self.dirpath / 'model.ckpt')!r})"
+        if report["baseline"]:
+            base, accuracy = report["baseline"], report["after"].get("ort_accuracy", 0.0)
+            message += f"; ONNX Runtime top-1 {accuracy:.2%} vs {base['ort_accuracy']:.2%} ({base['source']})"
         rank_zero_info(message)
+
+    def _teacher(self, trainer: pl.Trainer) -> nn.Module | None:
+        distillation = find_callback(trainer, KnowledgeDistillation)
+        return distillation.teacher if distillation is not None else None
+
+    def _baselines(self, trainer: pl.Trainer, before: nn.Module) -> dict[str, nn.Module]:
+        """The candidates :func:`~lightning_compress.deploy.bundle.write_bundle` measures (it reports the best)."""
+        if self.baseline is None:
+            return {}
+        if isinstance(self.baseline, nn.Module):
+            return {"given": float_copy(self.baseline)}
+        found = self._teacher(trainer)
+        teacher = float_copy(found) if found is not None else None
+        first = {"first_epoch": self._first_epoch} if self._first_epoch is not None else {}
+        if self.baseline == "auto":
+            return {"teacher": teacher} if teacher is not None else {"start": before, **first}
+        if self.baseline == "teacher" and teacher is not None:
+            return {"teacher": teacher}
+        if self.baseline == "start":
+            return {"start": before}
+        if self.baseline == "first_epoch":
+            return first or {"start": before}  # a fit that ran no epoch: the model is as it started
+        import copy
+
+        return {Path(self.baseline).name: float_copy(restore(copy.deepcopy(before), self.baseline))}
 
     def _val_batches(self, trainer: pl.Trainer) -> list[tuple[Tensor, Tensor]]:
         loaders = trainer.val_dataloaders
@@ -189,12 +260,22 @@ class CompressionExport(CompressionCallback):
         for key in ("params", "nonzero_params", "macs", "onnx_bytes", "ort_latency_ms"):
             if before.get(key):
                 figures[f"export/{key}_ratio"] = after[key] / before[key]
+        if report["baseline"] and "ort_accuracy" in after:  # what the compressed model lost (or gained)
+            figures["export/baseline_accuracy"] = report["baseline"]["ort_accuracy"]
+            figures["export/accuracy_delta"] = after["ort_accuracy"] - report["baseline"]["ort_accuracy"]
         for logger in trainer.loggers:
             logger.log_metrics(figures, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger":
                 from lightning_compress.integrations.wandb import log_export
 
-                log_export(logger, report, self.dirpath)
+                log_export(logger, report, self.dirpath, self.artifact_name or _artifact_name(trainer.lightning_module))
+
+
+def _artifact_name(pl_module: pl.LightningModule) -> str:
+    """``compressed-<module class>[-<its hparams' model name>]``: the same every run, so W&B keeps versions."""
+    model = dict(getattr(pl_module, "hparams", {})).get("model")
+    name = "-".join(["compressed", type(pl_module).__name__, *([model] if isinstance(model, str) else [])])
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def _plain_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

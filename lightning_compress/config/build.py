@@ -8,6 +8,7 @@ own refusal (a ``TypeError`` / ``ValueError`` of a model, a data module or Light
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ class Recipe:
     def callbacks(self) -> list[Any]:
         """The compression callbacks, in the order of the composition contract."""
         factories = callback_factories()
-        sections = self.config.get("compression") or {}
+        sections = dict(self.config.get("compression") or {})
+        if "export" in sections and self.path is not None:  # one W&B artifact per recipe: its exports are versions
+            sections["export"] = {"artifact_name": artifact_name(self.path), **(sections["export"] or {})}
         return [factories[name](**sections[name]) for name in COMPRESSION if name in sections]
 
     def trainer_kwargs(self) -> dict[str, Any]:
@@ -46,7 +49,8 @@ class Recipe:
         return dict(self.config.get("trainer") or {})
 
     def loggers(self, run_name: str | None = None) -> list[Any]:
-        """``logger: {wandb: {...}, csv: {...}}`` as Lightning loggers; a W&B run records the recipe as its config.
+        """``logger: {wandb: {...}, csv: {...}}`` as Lightning loggers; a W&B run records the recipe, intact, as its
+        config's ``recipe`` (Lightning adds the module's hyper-parameters beside it).
 
         ``run_name`` names the W&B run and the CSV folder (a sweep's trials). Under ``wandb agent``
         (``WANDB_SWEEP_ID`` set) a recipe without a ``logger`` section logs to the agent's W&B run, so the
@@ -72,7 +76,8 @@ class Recipe:
             if run_name:
                 options["name"] = run_name
             logger = built("logger.wandb", lambda: WandbLogger(**options))
-            logger.experiment.config.update(self.config, allow_val_change=True)
+            # under its own key: Lightning logs the module's hyper-parameters at the top level (a `model` of its own)
+            logger.experiment.config.update({"recipe": self.config}, allow_val_change=True)
             loggers.append(logger)
         return loggers
 
@@ -123,6 +128,11 @@ class Recipe:
         name = section.pop("name", "mnist5k")
         section.setdefault("seed", self.seed)
         return get_datamodule(name, **section)
+
+
+def artifact_name(recipe: Path) -> str:
+    """``compressed-<recipe file name>``, in the letters W&B allows in an artifact name."""
+    return "compressed-" + re.sub(r"[^A-Za-z0-9_.-]", "_", recipe.stem)
 
 
 def built(section: str, build: Callable[[], Any]) -> Any:

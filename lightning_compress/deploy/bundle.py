@@ -43,7 +43,7 @@ def write_bundle(
     verify: bool = True,
     physical: bool = True,
     plots: bool = True,
-    before_accuracy: bool = True,
+    baselines: Mapping[str, nn.Module] | None = None,
     logits_fn: LogitsFn | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` in ``formats`` into ``folder``, verify the ONNX files, and write the report.
@@ -63,7 +63,10 @@ def write_bundle(
             by SQNR against the float model, int8 layer by layer against the model it was exported from).
         physical: remove whole zero output channels (see :mod:`lightning_compress.deploy.shrink`).
         plots: write the PNG plots.
-        before_accuracy: measure ``before``'s accuracy too (off when ``before`` is an untrained instance).
+        baselines: the float models the exported accuracy is compared with, by name (moved to the CPU and
+            exported as they are; ``before`` itself may be one: then its accuracy is measured too); the
+            report's ``baseline`` is the most accurate of them in ONNX Runtime on ``val`` (``None`` without
+            candidates or validation data). Never an untrained model: any compression would look like a gain.
         logits_fn: ``output -> logits`` for a ``forward`` that returns more than the logits (default: a
             tensor, a ``logits`` key or attribute, or a tuple's first element).
 
@@ -81,9 +84,10 @@ def write_bundle(
     model.eval()  # the reference outputs: running statistics, observers still
     try:
         with replaced(folder) as tmp:  # the folder as a whole: the old bundle or the new one, never a mix
-            settings = (verify, physical, plots, before_accuracy, logits_fn)
+            settings = (verify, physical, plots, dict(baselines or {}), logits_fn)
             report = _bundle(model, before, tmp, example, list(val), formats, checkpoint, *settings)
-            (tmp / ".before.onnx").unlink(missing_ok=True)
+            for scratch in (".before.onnx", ".baseline.onnx"):
+                (tmp / scratch).unlink(missing_ok=True)
     finally:
         model.train(was_training)
     for entry in report["files"].values():
@@ -104,7 +108,7 @@ def _check_finite(example: Tensor, val: Sequence[tuple[Tensor, Tensor]]) -> None
 def _bundle(
     model: nn.Module, before: nn.Module, tmp: Path, example: Tensor, val: list[tuple[Tensor, Tensor]],
     formats: Sequence[str], checkpoint: Mapping[str, Any] | None, verify: bool, physical: bool, plots: bool,
-    before_accuracy: bool, logits_fn: LogitsFn | None,
+    baselines: dict[str, nn.Module], logits_fn: LogitsFn | None,
 ) -> dict[str, Any]:  # fmt: skip
     batch = val[0][0] if val else example
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -131,7 +135,7 @@ def _bundle(
     checks: dict[str, dict[str, Any]] = {}
     figures_before, figures_after = rep.model_figures(before, example), rep.model_figures(fp32, example)
     before_file = write_onnx(before, example, tmp / ".before.onnx", logits_fn=logits_fn)
-    _measure(before_file, batch, val if before_accuracy else [], figures_before)
+    _measure(before_file, batch, val if any(m is before for m in baselines.values()) else [], figures_before)
     if "onnx" in formats:
         path = write_onnx(fp32, example, tmp / FILES["onnx"], logits_fn=logits_fn)
         if verify:
@@ -153,15 +157,35 @@ def _bundle(
         files["onnx_int8"] = {"path": path.name, "bytes": path.stat().st_size}
     if "checkpoint" in formats:
         path = tmp / FILES["checkpoint"]
-        torch.save(dict(checkpoint) if checkpoint is not None else {"state_dict": model.state_dict()}, path)
+        with open(path, "wb") as handle:  # through a Python file: a full disk is OSError(ENOSPC), not RuntimeError
+            torch.save(dict(checkpoint) if checkpoint is not None else {"state_dict": model.state_dict()}, handle)
         files["checkpoint"] = {"path": path.name, "bytes": path.stat().st_size}
     report = {
         "version": rep.REPORT_VERSION, "model": type(model).__name__, "before": figures_before,
         "after": figures_after, "files": files, "verification": checks, "structure": structure,
-        "layers": rep.layer_rows(model),
+        "layers": rep.layer_rows(model), "baseline": _baseline(baselines, before, figures_before, tmp, example, val,
+                                                               logits_fn),
     }  # fmt: skip
     rep.write(report, tmp, with_plots=plots)
     return report
+
+
+def _baseline(
+    candidates: dict[str, nn.Module], before: nn.Module, figures_before: dict[str, float], tmp: Path, example: Tensor,
+    val: list[tuple[Tensor, Tensor]], logits_fn: LogitsFn | None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The most accurate candidate in ONNX Runtime: ``{source, ort_accuracy, candidates: {name: accuracy}}``."""
+    if not candidates or not val:
+        return None
+    measured: dict[str, float] = {}
+    for name, candidate in candidates.items():
+        if candidate is before:
+            measured[name] = figures_before["ort_accuracy"]
+            continue
+        path = write_onnx(candidate.cpu().eval(), example, tmp / ".baseline.onnx", logits_fn=logits_fn)
+        measured[name] = ort_accuracy(path, val)
+    source = max(measured, key=lambda name: measured[name])
+    return {"source": source, "ort_accuracy": measured[source], "candidates": measured}
 
 
 def _measure(path: Path, batch: Tensor, val: list[tuple[Tensor, Tensor]], into: dict[str, float]) -> None:

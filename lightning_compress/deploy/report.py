@@ -6,7 +6,11 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
 - ``before`` / ``after``: ``params``, ``nonzero_params``, ``macs``, ``sparse_macs`` (non-zero
   weights only), ``dense_bytes``, ``sparse_bytes`` (bitmap format), ``compressed_bytes`` (zlib of
   the weights), and, where an ONNX file was measured,
-  ``onnx_bytes``, ``ort_accuracy``, ``ort_latency_ms`` (``before`` is the model as ``fit`` started);
+  ``onnx_bytes``, ``ort_accuracy`` (``after``; ``before`` only when it is the baseline),
+  ``ort_latency_ms`` (``before`` is the model as ``fit`` started: the sizes and latency are compared with it);
+- ``baseline``: what the accuracy is compared with, ``{source, ort_accuracy, candidates: {source: accuracy}}``
+  (the most accurate candidate; ``None`` without one): the distillation teacher, the model as fit started
+  or after its first epoch, a given model or checkpoint — never an untrained model;
 - ``files``: ``{format: {path, bytes}}``;
 - ``verification``: ``{format: {sqnr_db, relative_error, max_abs_diff, top1_agreement, decisive_flips,
   criterion, passed}}`` (int8 also ``sqnr_vs_float_db``, ``fake_quant_sqnr_vs_float_db`` and ``layers``:
@@ -33,7 +37,10 @@ from lightning_compress.core.quantization import quantized_layers, weight_quanti
 from lightning_compress.deploy.measure import summarize
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of, require
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: ``baseline``; ``before.ort_accuracy`` only when the model as fit started is the baseline
+ACCURACY = ("ort_accuracy", "int8_ort_accuracy")  # compared with the baseline, not with ``before``
+BASELINE_NAMES = {"teacher": "the distillation teacher", "start": "the model as fit started",
+                  "first_epoch": "the model after its first epoch", "given": "the baseline model given"}  # fmt: skip
 
 
 def model_figures(model: nn.Module, example_input: Tensor) -> dict[str, float]:
@@ -60,11 +67,12 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
 def markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: the before/after table, the files and their verification, the per-layer table."""
     before, after = report["before"], report["after"]
-    keys = [k for k in before if k in after]
+    keys = [k for k in before if k in after and k not in ACCURACY]
     lines = [f"# Compression report: {report['model']}", "", "| figure | before | after | ratio |", "|---|---|---|---|"]
     for key in keys:
         ratio = after[key] / before[key] if before[key] else float("nan")
         lines.append(f"| {key} | {before[key]:,.4g} | {after[key]:,.4g} | {ratio:.3f} |")
+    lines += ["", *accuracy_lines(report)]
     lines += [
         "", "| file | bytes | SQNR dB (ORT vs PyTorch) | max abs diff | top-1 agreement |", "|---|---|---|---|---|"
     ]  # fmt: skip
@@ -95,8 +103,31 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def baseline_name(baseline: Mapping[str, Any]) -> str:
+    """How the report names a baseline's source (a checkpoint by its file name)."""
+    return BASELINE_NAMES.get(baseline["source"], str(baseline["source"]))
+
+
+def accuracy_lines(report: Mapping[str, Any]) -> list[str]:
+    """The accuracy table: the baseline, then each exported file, in ONNX Runtime on the validation data."""
+    after, baseline = report["after"], report.get("baseline")
+    files = zip(ACCURACY, ("model.onnx", "model.int8.onnx"), strict=True)
+    rows = [(label, after[key]) for key, label in files if key in after]
+    if not rows:
+        return ["No validation data: no accuracy measured."]
+    if not baseline:
+        return ["Top-1 accuracy (ONNX Runtime): " + ", ".join(f"{n} {a:.2%}" for n, a in rows) + " (no baseline)."]
+    lines = [f"Top-1 accuracy in ONNX Runtime, against {baseline_name(baseline)}:", "",
+             "| model | top-1 | vs baseline |", "|---|---|---|"]
+    lines.append(f"| baseline | {baseline['ort_accuracy']:.2%} | — |")
+    for name, accuracy in rows:
+        lines.append(f"| {name} | {accuracy:.2%} | {100 * (accuracy - baseline['ort_accuracy']):+.2f} points |")
+    return lines
+
+
 def plots(report: Mapping[str, Any], folder: Path) -> list[Path]:
-    """``layers.png`` (per-layer sparsity, ranks and bits) and ``before_after.png``; needs matplotlib."""
+    """``layers.png`` (per-layer sparsity, ranks and bits) and ``before_after.png`` (what each figure became, as
+    a ratio on a log scale, and the accuracy against the baseline); needs matplotlib."""
     require("matplotlib", "plots", "the export's plots (or plots=False)").use("Agg")
     plt = require("matplotlib.pyplot", "plots", "the export's plots (or plots=False)")
 
@@ -115,14 +146,42 @@ def plots(report: Mapping[str, Any], folder: Path) -> list[Path]:
         notes = [f"r={row['rank']}" if row["rank"] else "", f"{row['weight_bits']}b" if row["weight_bits"] else ""]
         ax.annotate(" ".join(n for n in notes if n), (i, row["sparsity"]), ha="center", va="bottom", fontsize=7)
     ax.set_ylim(0, 1.1)
-    ax.set_title("per layer: sparsity (bars), rank and weight bits (labels)")
-    paths = [save(fig, ax, "layers.png", "sparsity", 90)]
-    keys = [k for k in report["before"] if k in report["after"] and report["before"][k]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(keys, [report["after"][k] / report["before"][k] for k in keys], color="tab:green")
+    ax.set_title(f"{report['model']} per layer: sparsity (bars), rank and weight bits (labels)")
+    ax.set_xlabel("layer")
+    paths = [save(fig, ax, "layers.png", "sparsity (share of zero weights)", 90)]
+    before, after = report["before"], report["after"]
+    keys = [k for k in before if k in after and before[k] and after[k] and k not in ACCURACY]
+    ratios = [after[k] / before[k] for k in keys]
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    bars = ax.bar(keys, ratios, color=["tab:green" if r <= 1 else "tab:red" for r in ratios])
+    ax.bar_label(bars, labels=[f"{r:.2f}×" for r in ratios], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylim(min([*ratios, 1.0]) / 2, max([*ratios, 1.0]) * 2)  # bars rise from well below the smallest ratio
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(plt.FuncFormatter(lambda value, _: f"{value:.2g}×"))
     ax.axhline(1.0, color="grey", linewidth=1)
-    paths.append(save(fig, ax, "before_after.png", "after / before", 45))
+    ax.set_title(f"{report['model']}: after / before (the model as fit started)")
+    ax.set_ylabel("after / before (log scale; < 1 is smaller or faster)")
+    ax.tick_params(axis="x", rotation=45, labelsize=7)
+    names, values = _accuracy_bars(report)
+    bars = right.bar(names, values, color=["tab:grey"] + ["tab:blue"] * (len(values) - 1))
+    right.bar_label(bars, labels=[f"{v:.1%}" for v in values], fontsize=7)
+    right.set_ylim(0, 1.1)
+    base = report.get("baseline")
+    right.set_title("top-1, ONNX Runtime" + (f"\nbaseline: {baseline_name(base)}" if base else ""), fontsize=9)
+    right.set_ylabel("accuracy")
+    paths.append(save(fig, right, "before_after.png", "accuracy", 30))
     return paths
+
+
+def _accuracy_bars(report: Mapping[str, Any]) -> tuple[list[str], list[float]]:
+    after, base = report["after"], report.get("baseline")
+    names, values = (["baseline"], [base["ort_accuracy"]]) if base else ([], [])
+    for key, name in zip(ACCURACY, ("fp32", "int8"), strict=True):
+        if key in after:
+            names.append(name)
+            values.append(after[key])
+    return names, values
 
 
 def write(report: Mapping[str, Any], folder: Path, with_plots: bool = True) -> list[Path]:

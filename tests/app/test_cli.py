@@ -118,9 +118,23 @@ def test_sweep_command(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
 
 
-def test_the_main_job_pipeline_prints_dense_vs_compressed(capsys):
-    assert main(["pipeline", "--data", "digits", "--teacher-epochs", "1", "--epochs", "3"]) == 0
-    out = capsys.readouterr().out
+def test_the_main_job_pipeline_prints_dense_vs_compressed_and_keeps_its_results(tmp_path, capfd, caplog, recwarn):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")  # as a user's run: the suite quiets Lightning
+    out_dir = tmp_path / "demo-output"
+    assert main(["pipeline", "--data", "digits", "--teacher-epochs", "1", "--epochs", "3", "--out", str(out_dir)]) == 0
+    captured = capfd.readouterr()
+    out = captured.out
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line[:5] for line in progress] == ["[1/3]", "[2/3]", "[3/3]"] and "teacher cnn_wide" in progress[0]
+    assert {"teacher.onnx", "dense.onnx", "results.md", "compressed"} <= {p.name for p in out_dir.iterdir()}
+    assert {"report.md", "before_after.png", "model.int8.onnx"} <= {p.name for p in (out_dir / "compressed").iterdir()}
+    assert f"kept in {out_dir}/" in out and "| dense cnn_small |" in (out_dir / "results.md").read_text()
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("GPU available" in m for m in logged)  # Lightning's own lines still reach the user...
+    assert not any("litlogger" in m for m in logged)  # ...less its advertisement and torch's pytree deprecation
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)] and "LeafSpec" not in captured.err
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     dense, compressed = rows["dense cnn_small"], rows["cnn_small: low-rank + GMP 80% + QAT int8 + KD"]
     size = lambda row: float(row[0].strip().replace(",", ""))  # noqa: E731

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from lightning_compress.config import load_recipe
-from tests.helpers import cifar_checksums_off, write_cifar10, write_pngs
+from tests.helpers import cifar_checksums_off, wandb_config, wandb_logged, wandb_records, write_cifar10, write_pngs
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "recipes" / "digits" / "quickstart.yaml"
@@ -62,26 +62,26 @@ def test_a_recipe_run_sends_every_figure_to_wandb(tmp_path, monkeypatch):
         "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--compression.pruning.end_epoch=1",
         "--compression.low_rank.epoch=1", "--compression.low_rank.include=[model.classifier.1]",
         "--compression.quantization.start_epoch=1", "--compression.distillation.teacher=teacher.ckpt",
-        "--compression.export.dirpath=out", "--compression.export.plots=false",
+        "--compression.export.dirpath=out",
         "--logger.wandb.project=lc-tests", f"--logger.wandb.save_dir={tmp_path}", "--logger.wandb.mode=offline",
     ]  # fmt: skip
-    captured = {}
-    original = ClassificationModule.on_fit_end
-
-    def keep_logger(self):  # the WandbLogger of this run, to read its summary afterwards
-        captured["logger"] = self.logger
-        original(self)
-
-    monkeypatch.setattr(ClassificationModule, "on_fit_end", keep_logger)
     figures = train_recipe(str(ROOT / "recipes" / "digits" / "quickstart.yaml"), overrides)
     int8_file = (tmp_path / "out" / "model.int8.onnx").stat().st_size
     assert 0 < figures["model_bytes"] < int8_file  # the exported int8 file, compressed: pruned zeros count
-    run = captured["logger"].experiment
-    summary = dict(run.summary)
+    (run_file,) = tmp_path.rglob("run-*.wandb")  # one run, finished when the fit ended
+    summary = wandb_logged(run_file)
     for key in ("pruning/sparsity", "qat/enabled", "kd/loss", "lowrank/layers", "export/params_ratio", "val/acc"):
         assert key in summary, key
-    assert dict(run.config)["compression"]["pruning"]["final_sparsity"] == 0.8  # the resolved recipe
-    run.finish()
+    config = wandb_config(run_file)
+    assert config["recipe"]["compression"]["pruning"]["final_sparsity"] == 0.8  # the resolved recipe
+    # intact beside the module's hyper-parameters, which Lightning logs at the top level (before: the recipe's
+    # `model` section was overwritten by the hyper-parameter `model: cnn_tiny`)
+    assert config["recipe"]["model"] == {"model": "cnn_tiny", "lr": 0.002} and config["model"] == "cnn_tiny"
+    assert summary["export/baseline_accuracy"] > 0  # the teacher's: the recipe distils
+    assert summary["export/plots/before_after/_type"] == "image-file"  # the plots, as images
+    assert summary["export/layers/_type"] == "table-file"
+    artifacts = [r.artifact for r in wandb_records(run_file) if r.HasField("artifact")]
+    assert [a.name for a in artifacts if a.type == "model"] == ["compressed-quickstart"]  # one name per recipe
 
 
 @pytest.mark.slow

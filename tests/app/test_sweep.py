@@ -74,3 +74,42 @@ def test_a_local_sweep_writes_results_and_the_pareto_plot(tmp_path):
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "out").glob("trial-*")) == ["trial-0", "trial-1"]  # each a logged run
     assert rows[1]["pareto"]  # fewest bytes is always on the front
+
+
+def test_a_local_sweep_logs_each_trial_and_the_pareto_front_to_wandb(tmp_path, monkeypatch):
+    from tests.helpers import wandb_config, wandb_logged, wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    parameters = {
+        "compression.pruning.final_sparsity": {"values": [0.5, 0.9]},
+        "compression.pruning.end_epoch": {"value": 1},
+        "trainer.max_epochs": {"value": 1},
+    }
+    run_sweep(write(tmp_path, parameters=parameters), count=2, out=tmp_path / "out", wandb_project="lc-sweep")
+    runs = {}
+    for run_file in (tmp_path / "out").rglob("run-*.wandb"):
+        run = next(r.run for r in wandb_records(run_file) if r.HasField("run"))
+        runs[run.display_name] = (run, wandb_logged(run_file), wandb_config(run_file))
+    assert sorted(runs) == ["pareto", "trial-0", "trial-1"]  # one W&B run each (an open run took the next trial's)
+    assert len({run.run_id for run, _, _ in runs.values()}) == 3
+    assert len({run.run_group for run, _, _ in runs.values()}) == 1 and runs["pareto"][0].run_group.startswith(
+        "digits-sparsity-")
+    sparsities = [runs[f"trial-{i}"][2]["recipe"]["compression"]["pruning"]["final_sparsity"] for i in (0, 1)]
+    assert sparsities == [0.5, 0.9] and all(0 < runs[f"trial-{i}"][1]["val/acc"] <= 1 for i in (0, 1))
+    summary = runs["pareto"][1]
+    assert summary["sweep/results/_type"] == "table-file" and summary["sweep/pareto_front/_type"] == "table-file"
+    assert summary["sweep/pareto/_type"] == "image-file"
+    assert runs["pareto"][2]["sweep"]["metric"]["name"] == "val/acc"
+
+
+def test_check_runs_one_short_trial_and_names_a_metric_the_recipe_does_not_log(tmp_path):
+    from lightning_compress.app.cli import main
+    from lightning_compress.app.sweep import check_sweep
+
+    figures = check_sweep(write(tmp_path), tmp_path / "out")
+    assert 0 < figures["val/acc"] <= 1
+    wrong = write(tmp_path, metric={"name": "val_acc", "goal": "maximize"})
+    with pytest.raises(CompressionConfigError, match=r"metric.name 'val_acc' is not logged by its recipe, which logs "
+                       r".*val/acc.* HINT: did you mean 'val/acc'\?"):  # fmt: skip
+        check_sweep(wrong, tmp_path / "out")
+    assert main(["sweep", str(wrong), "--check", "--out", str(tmp_path / "out")]) == 2

@@ -19,7 +19,7 @@ from lightning_compress.deploy import bundle
 from lightning_compress.deploy.measure import ort_session
 from lightning_compress.deploy.report import REPORT_VERSION
 from lightning_compress.errors import ExportVerificationError
-from tests.helpers import TinyModule, fit, logged_metrics, synthetic, trainer
+from tests.helpers import TinyModule, fit, loaders, logged_metrics, synthetic, trainer
 
 
 def compressed_run(out, **kwargs):
@@ -186,8 +186,9 @@ def test_one_dependency_trace_and_one_copy_per_format_written(tmp_path, monkeypa
     ]
     fit(callbacks, module=TinyModule(bn=True), max_epochs=3)
     assert len(traces) == 1
-    # the `before` copy at fit start, then the fp32 file's copy and the int8 file's copy
-    assert copies == ["TinyModule"] * 3
+    # the `before` copy at fit start, the first epoch's (the default baseline, no teacher here), then the fp32
+    # file's copy and the int8 file's copy
+    assert copies == ["TinyModule"] * 4
 
 
 class WithFeatures(TinyModule):
@@ -251,3 +252,76 @@ def test_token_ids_are_exported_as_integers(tmp_path):
     assert all(check["passed"] for check in export.report["verification"].values())
     assert ort_session(out / "model.onnx").get_inputs()[0].type == "tensor(int64)"
     assert export.report["after"]["ort_accuracy"] >= 0.0
+
+
+# -- the accuracy baseline (#16: the report compared with the untrained model, an accuracy ratio of 10) -----------
+def test_by_default_a_model_trained_from_scratch_is_compared_with_its_first_epoch_not_random_weights(tmp_path):
+    export = CompressionExport(tmp_path / "out", plots=False)
+    module = TinyModule(optimizer="adam", lr=0.01)  # learns in its first epoch (SGD at 0.05 is at chance there)
+    fit([MagnitudePruning(final_sparsity=0.5, start_epoch=1, end_epoch=2), export], module=module, max_epochs=3)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    baseline = report["baseline"]
+    assert set(baseline["candidates"]) == {"start", "first_epoch"}
+    untrained = baseline["candidates"]["start"]  # 4 classes: about chance
+    assert baseline["source"] == "first_epoch" and baseline["ort_accuracy"] > untrained
+    assert baseline["ort_accuracy"] == max(baseline["candidates"].values())
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| ort_accuracy |" not in text  # no ratio of accuracies against the model as fit started
+    assert "against the model after its first epoch" in text and "points |" in text
+
+
+def test_the_teacher_is_the_default_baseline_of_a_distilled_run(tmp_path):
+    pl.seed_everything(1, verbose=False)
+    teacher = TinyModule()
+    fit([], module=teacher, max_epochs=3)
+    export = CompressionExport(tmp_path / "out", plots=False)
+    fit([KnowledgeDistillation(teacher.net), export], max_epochs=1)
+    baseline = export.report["baseline"]
+    assert baseline["source"] == "teacher" and list(baseline["candidates"]) == ["teacher"]
+    _, val_loader = loaders(seed=0)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in val_loader:
+            correct += int((teacher.eval()(x).argmax(1) == y).sum())
+            total += len(y)
+    assert baseline["ort_accuracy"] == pytest.approx(correct / total)  # the teacher's own accuracy, in ORT
+
+
+def test_a_checkpoint_a_module_or_start_as_the_baseline(tmp_path):
+    dense = TinyModule()
+    fit([], module=dense, max_epochs=3)
+    torch.save({"state_dict": dense.state_dict()}, tmp_path / "dense.ckpt")
+    reports = {}
+    for name, baseline in [("ckpt", tmp_path / "dense.ckpt"), ("module", dense), ("start", "start"), ("none", None)]:
+        export = CompressionExport(tmp_path / name, plots=False, baseline=baseline)
+        fit([MagnitudePruning(final_sparsity=0.5, end_epoch=1), export], max_epochs=2)
+        reports[name] = export.report
+    assert reports["ckpt"]["baseline"]["source"] == "dense.ckpt" and reports["module"]["baseline"]["source"] == "given"
+    assert reports["ckpt"]["baseline"]["ort_accuracy"] == reports["module"]["baseline"]["ort_accuracy"]
+    assert reports["start"]["baseline"]["source"] == "start"
+    assert reports["start"]["baseline"]["ort_accuracy"] == reports["start"]["before"]["ort_accuracy"]
+    assert reports["none"]["baseline"] is None and "ort_accuracy" not in reports["none"]["before"]
+
+
+@pytest.mark.parametrize(
+    ("baseline", "message"),
+    [
+        ("teacher", r"baseline='teacher'\) needs a KnowledgeDistillation callback"),
+        ("first_epoc", r"`baseline` must be one of 'auto', .* got 'first_epoc'. HINT: did you mean 'first_epoch'"),
+        ("missing.ckpt", r"`baseline` must be .*a checkpoint file.* got 'missing.ckpt'. HINT: no such file"),
+    ],
+)
+def test_a_baseline_that_cannot_be_had_is_refused_before_training(tmp_path, baseline, message):
+    with pytest.raises(CompressionConfigError, match=message):
+        fit([CompressionExport(tmp_path / "out", baseline=baseline)], max_epochs=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_artifact_name_is_checked_and_stable():
+    from lightning_compress.callbacks.export import _artifact_name
+    from lightning_compress.vision.module import ClassificationModule
+
+    with pytest.raises(CompressionConfigError, match="`artifact_name` must be a W&B artifact name"):
+        CompressionExport("out", artifact_name="my model/v1")
+    assert _artifact_name(TinyModule()) == "compressed-TinyModule"
+    assert _artifact_name(ClassificationModule("cnn_tiny", 10, 1)) == "compressed-ClassificationModule-cnn_tiny"

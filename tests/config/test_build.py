@@ -14,7 +14,7 @@ def test_loggers_from_the_recipe(tmp_path, monkeypatch):
     }  # fmt: skip
     csv, wandb = load_recipe(config).loggers()
     assert type(csv).__name__ == "CSVLogger" and type(wandb).__name__ == "WandbLogger"
-    assert dict(wandb.experiment.config)["seed"] == 3 and list(wandb.experiment.tags) == ["recipe"]
+    assert dict(wandb.experiment.config)["recipe"]["seed"] == 3 and list(wandb.experiment.tags) == ["recipe"]
     wandb.experiment.finish()
 
 

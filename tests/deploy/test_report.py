@@ -51,3 +51,45 @@ def test_model_figures_rename_nonzero():
 def test_check_formats(formats, message):
     with pytest.raises(CompressionConfigError, match=message):
         rep.check_formats(formats, ("onnx", "onnx_int8", "checkpoint"))
+
+
+def report_with_accuracy(baseline):
+    return {
+        "model": "TinyNet",
+        "before": {"params": 100.0, "onnx_bytes": 400.0, "ort_latency_ms": 2.0},
+        "after": {"params": 25.0, "onnx_bytes": 100.0, "ort_latency_ms": 1.0, "ort_accuracy": 0.9,
+                  "int8_onnx_bytes": 40.0, "int8_ort_accuracy": 0.88},
+        "files": {}, "verification": {}, "structure": {"physical": False, "reason": None},
+        "layers": [{"name": "conv1", "sparsity": 0.5, "rank": 3, "weight_bits": 8}],
+        "baseline": baseline,
+    }
+
+
+def test_markdown_compares_the_accuracy_with_the_named_baseline_in_points():
+    text = rep.markdown(report_with_accuracy({"source": "teacher", "ort_accuracy": 0.92, "candidates": {}}))
+    assert "against the distillation teacher" in text and "| baseline | 92.00% | — |" in text
+    assert "| model.onnx | 90.00% | -2.00 points |" in text and "| model.int8.onnx | 88.00% | -4.00 points |" in text
+    assert "ort_accuracy |" not in text
+    plain = rep.markdown(report_with_accuracy(None))
+    assert "model.onnx 90.00%, model.int8.onnx 88.00% (no baseline)" in plain
+    named = rep.markdown(report_with_accuracy({"source": "dense.ckpt", "ort_accuracy": 0.9, "candidates": {}}))
+    assert "against dense.ckpt" in named
+
+
+def test_plots_have_titles_axis_labels_value_labels_and_a_ratio_scale(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig) or real_close(fig))
+    paths = rep.plots(report_with_accuracy({"source": "first_epoch", "ort_accuracy": 0.95, "candidates": {}}),
+                      tmp_path)  # fmt: skip
+    assert [p.name for p in paths] == ["layers.png", "before_after.png"] and all(p.stat().st_size for p in paths)
+    layers, before_after = (fig.axes for fig in figures)
+    assert layers[0].get_title().startswith("TinyNet per layer") and layers[0].get_xlabel() == "layer"
+    ratios, accuracy = before_after
+    assert ratios.get_yscale() == "log" and "after / before" in ratios.get_ylabel() and ratios.get_title()
+    assert [t.get_text() for t in ratios.texts] == ["0.25×", "0.25×", "0.50×"]  # params, onnx_bytes, latency
+    assert [t.get_text() for t in accuracy.texts] == ["95.0%", "90.0%", "88.0%"]
+    assert "the model after its first epoch" in accuracy.get_title() and accuracy.get_ylabel() == "accuracy"
