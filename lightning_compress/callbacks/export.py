@@ -6,6 +6,7 @@ checks and report come from :func:`lightning_compress.deploy.bundle.write_bundle
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -221,8 +222,6 @@ class CompressionExport(CompressionCallback):
             return {"start": before}
         if self.baseline == "first_epoch":
             return first or {"start": before}  # a fit that ran no epoch: the model is as it started
-        import copy
-
         return {Path(self.baseline).name: float_copy(restore(copy.deepcopy(before), self.baseline))}
 
     def _val_batches(self, trainer: pl.Trainer) -> list[tuple[Tensor, Tensor]]:
@@ -271,11 +270,15 @@ class CompressionExport(CompressionCallback):
                 log_export(logger, report, self.dirpath, self.artifact_name or _artifact_name(trainer.lightning_module))
 
 
+def artifact_name(*parts: str) -> str:
+    """``compressed-<part>-...`` in the letters W&B allows in an artifact's name (others become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(["compressed", *parts]))
+
+
 def _artifact_name(pl_module: pl.LightningModule) -> str:
     """``compressed-<module class>[-<its hparams' model name>]``: the same every run, so W&B keeps versions."""
     model = dict(getattr(pl_module, "hparams", {})).get("model")
-    name = "-".join(["compressed", type(pl_module).__name__, *([model] if isinstance(model, str) else [])])
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return artifact_name(type(pl_module).__name__, *([model] if isinstance(model, str) else []))
 
 
 def _plain_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

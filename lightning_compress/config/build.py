@@ -8,7 +8,6 @@ own refusal (a ``TypeError`` / ``ValueError`` of a model, a data module or Light
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,9 @@ class Recipe:
         factories = callback_factories()
         sections = dict(self.config.get("compression") or {})
         if "export" in sections and self.path is not None:  # one W&B artifact per recipe: its exports are versions
-            sections["export"] = {"artifact_name": artifact_name(self.path), **(sections["export"] or {})}
+            from lightning_compress.callbacks.export import artifact_name
+
+            sections["export"] = {"artifact_name": artifact_name(self.path.stem), **(sections["export"] or {})}
         return [factories[name](**sections[name]) for name in COMPRESSION if name in sections]
 
     def trainer_kwargs(self) -> dict[str, Any]:
@@ -128,11 +129,6 @@ class Recipe:
         name = section.pop("name", "mnist5k")
         section.setdefault("seed", self.seed)
         return get_datamodule(name, **section)
-
-
-def artifact_name(recipe: Path) -> str:
-    """``compressed-<recipe file name>``, in the letters W&B allows in an artifact name."""
-    return "compressed-" + re.sub(r"[^A-Za-z0-9_.-]", "_", recipe.stem)
 
 
 def built(section: str, build: Callable[[], Any]) -> Any:
