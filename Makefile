@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m ruff check lightning_compress tests benchmarks examples
 	$(PY) -m mypy
 	$(PY) -m mkdocs build --strict --quiet --site-dir site  # the documentation: a warning fails it
-	$(PY) -m pytest -q -n 2  # one worker per CI core (pytest-xdist); each runs torch on one thread
+	$(PY) -m pytest -q -n 2 --dist loadgroup  # one worker per CI core; tests sharing a trained fixture share a worker
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_compress tests benchmarks examples

@@ -85,7 +85,7 @@ def require(module: str, extra: str, feature: str) -> Any:
         ) from None
 
 
-class Optional:
+class OptionalModule:
     """A module imported on first use through :func:`require`: a package that imports it at its top
     level still imports without the extra, and says which extra to install when the feature is used."""
 

@@ -21,6 +21,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per cor
     torch.set_num_threads(1)
 
 
+# Fixtures that train or export once for many tests. pytest-xdist builds a module- or session-scoped
+# fixture once per worker that runs one of its tests, so each worker used to build them all (the
+# composition matrix twice: 2 x 160 s). `make test` runs with `--dist loadgroup`: the tests sharing one
+# go to one worker.
+SESSION_SHARED = ("ddp_run",)
+MODULE_SHARED = ("matrix", "teacher", "trained", "int8_file", "digits_checkpoint", "trained_teacher")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        session = next((n for n in SESSION_SHARED if n in names), None)
+        if session:
+            item.add_marker(pytest.mark.xdist_group(session))
+        elif names & set(MODULE_SHARED):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(autouse=True)
 def wandb_environment():
     """W&B's variables as each test found them: ``wandb.init`` in a test sets ``WANDB_SERVICE`` (its service's

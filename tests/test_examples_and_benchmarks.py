@@ -68,6 +68,7 @@ def test_structured_export_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_pruning_benchmark_smoke(tmp_path):
     args = ["--model", "cnn_tiny", "--data", "digits", "--epochs", "1", "--seeds", "1", "--targets", "0.5"]
+    args += ["--timing-rounds", "1"]
     stdout = run_benchmark("pruning_vs_modelpruning.py", args, tmp_path)
     assert "| ours |" in stdout and "| ModelPruning (LTH) |" in stdout
     assert "Interleaved timing at target 0.5" in stdout

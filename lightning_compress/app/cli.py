@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from lightning_compress.deploy.cpu import WEIGHT_TYPES
 from lightning_compress.errors import CompressionConfigError, ExportVerificationError, TrainingDivergedError
 
 
@@ -83,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
         "--baseline", default=None, metavar="CKPT", help="a checkpoint (e.g. the dense model) whose accuracy the "
         "report compares with (default: none; the untrained model never is)"
     )
+    export.add_argument(
+        "--int8-weights", choices=WEIGHT_TYPES, default="auto", help="how model.int8.onnx stores its weights: int8 "
+        "(fastest on x86 with VNNI and on ARM), uint8 (exact in ONNX Runtime on every CPU) or auto (by this CPU)"
+    )
     return parser
 
 
@@ -124,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             export_checkpoint(
                 args.checkpoint, args.out, args.data, args.formats, not args.no_verify, not args.no_physical,
-                args.baseline,
+                args.baseline, args.int8_weights,
             )
     except CompressionConfigError as err:
         print(f"lightning-compress: error: {err}", file=sys.stderr)

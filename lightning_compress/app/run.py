@@ -9,12 +9,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lightning_compress.callbacks import CompressionExport
 from lightning_compress.config import build_trainer, load_recipe
 from lightning_compress.config.build import built
 from lightning_compress.config.schema import check_arguments
+from lightning_compress.deploy.cpu import WeightType
 from lightning_compress.errors import CompressionConfigError
 
 
@@ -26,9 +27,11 @@ def export_checkpoint(
     verify: bool = True,
     physical: bool = True,
     baseline: str | None = None,
+    int8_weights: str = "auto",
 ) -> dict[str, Any]:
     """``lightning-compress export``: rebuild the compressed model from ``path`` and write the bundle; the report
-    compares its accuracy with the ``baseline`` checkpoint's (none by default)."""
+    compares its accuracy with the ``baseline`` checkpoint's (none by default); ``int8_weights`` as in
+    :class:`~lightning_compress.CompressionExport`."""
     from lightning_compress.core.quantization import quantized_layers
     from lightning_compress.deploy.bundle import write_bundle
     from lightning_compress.deploy.onnx import float_copy
@@ -54,7 +57,8 @@ def export_checkpoint(
     if "onnx_int8" in chosen and not quantized_layers(model):
         raise CompressionConfigError(f"{path!r} has no fake quantisation: `onnx_int8` needs a run with QAT")
     report = write_bundle(
-        model, before, out, val[0][0][:2], val, chosen, dict(checkpoint), verify, physical, baselines=baselines
+        model, before, out, val[0][0][:2], val, chosen, dict(checkpoint), verify, physical, baselines=baselines,
+        int8_weights=cast(WeightType, int8_weights),
     )
     after, first = report["after"], report["before"]
     accuracy = 100 * after.get("ort_accuracy", 0.0)
@@ -147,9 +151,10 @@ def train_recipe(
     try:
         trainer.fit(model, datamodule=recipe.datamodule())
     finally:  # a W&B run left open would take the next trial's logging (wandb.init returns the open run)
-        for logger in loggers:
-            if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-                logger.experiment.finish()
+        if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+            from lightning_compress.integrations.wandb import finish_run
+
+            finish_run()
     figures = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     export = next((c for c in callbacks if isinstance(c, CompressionExport)), None)
     files = export.report.get("files", {}) if export is not None else {}

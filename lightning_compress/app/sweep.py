@@ -118,12 +118,13 @@ def run_sweep(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     metric, maximize = sweep["metric"]["name"], sweep["metric"].get("goal", "maximize") == "maximize"
-    group = f"{sweep.get('name') or Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = sweep.get("name") or Path(path).stem
+    group = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     logging = [f"--logger.wandb.project={wandb_project}", f"--logger.wandb.group={group}",
                f"--logger.wandb.save_dir={folder}"] if wandb_project else []  # fmt: skip
     rows = []
     for index, parameters in enumerate(trials(sweep, count, seed)):
-        overrides = [f"--{key}={value}" for key, value in parameters.items()] + logging
+        overrides = _overrides(parameters) + logging
         figures = train_recipe(sweep["recipe"], overrides, run_name=f"trial-{index}", log_dir=str(folder))
         _check_metric(metric, figures, path)
         rows.append({"trial": index, **parameters, metric: figures[metric], "model_bytes": figures["model_bytes"]})
@@ -134,7 +135,7 @@ def run_sweep(
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _plot(rows, metric, maximize, folder / "pareto.png", sweep.get("name") or Path(path).stem)
+    _plot(rows, metric, maximize, folder / "pareto.png", name)
     if wandb_project:
         from lightning_compress.integrations.wandb import log_sweep
 
@@ -149,11 +150,15 @@ def check_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> di
         CompressionConfigError: the metric is not among what the trial logged (the message lists those).
     """
     sweep = load_sweep(path)
-    first = trials(sweep, 1)[0]
-    overrides = [f"--{key}={value}" for key, value in first.items()] + SHORT_TRIAL
+    overrides = _overrides(trials(sweep, 1)[0]) + SHORT_TRIAL
     figures = train_recipe(sweep["recipe"], overrides, run_name="check", log_dir=str(out))
     _check_metric(sweep["metric"]["name"], figures, path)
     return figures
+
+
+def _overrides(parameters: Mapping[str, Any]) -> list[str]:
+    """A trial's parameters as the recipe overrides a W&B agent passes (``--key=value``, its ``${args}``)."""
+    return [f"--{key}={value}" for key, value in parameters.items()]
 
 
 def _check_metric(metric: str, figures: Mapping[str, float], path: str | os.PathLike[str]) -> None:

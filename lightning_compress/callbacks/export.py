@@ -24,6 +24,7 @@ from lightning_compress.callbacks.quantization import QuantizationAwareTraining
 from lightning_compress.core.quantization import quantized_layers
 from lightning_compress.deploy import report as rep
 from lightning_compress.deploy.bundle import FORMATS, write_bundle
+from lightning_compress.deploy.cpu import WeightType, resolve_weight_type
 from lightning_compress.deploy.folder import check_replaceable
 from lightning_compress.deploy.onnx import float_copy
 from lightning_compress.deploy.restore import read_checkpoint, restore
@@ -76,6 +77,10 @@ class CompressionExport(CompressionCallback):
         artifact_name: the W&B artifact's name (letters, digits, ``-``, ``_``, ``.``), the same every run so
             W&B keeps the exports as versions of one artifact; default ``compressed-<module class>[-<model>]``
             (a recipe's export: ``compressed-<recipe file name>``).
+        int8_weights: how ``model.int8.onnx`` stores its weights: ``"int8"`` (fastest where ONNX Runtime's
+            u8s8 kernels are exact: x86 with VNNI, ARM), ``"uint8"`` (zero point 128: the same values, exact
+            on every CPU, including x86 without VNNI, where int8 weights saturate), or ``"auto"`` (default: by
+            the CPU the export runs and is verified on). ``report.json``'s ``files.onnx_int8`` says which and why.
 
     Raises:
         CompressionConfigError: an unknown format, ``onnx_int8`` without quantisation-aware
@@ -99,6 +104,7 @@ class CompressionExport(CompressionCallback):
         logits_fn: Callable[[Any], Tensor] | None = None,
         baseline: str | os.PathLike[str] | nn.Module | None = "auto",
         artifact_name: str | None = None,
+        int8_weights: WeightType = "auto",
     ) -> None:
         if not isinstance(dirpath, (str, os.PathLike)):
             raise config_error("dirpath", "a folder path", dirpath)
@@ -117,7 +123,8 @@ class CompressionExport(CompressionCallback):
         named = isinstance(artifact_name, str) and ARTIFACT_NAME.fullmatch(artifact_name)
         if artifact_name is not None and not named:
             raise config_error("artifact_name", "a W&B artifact name: letters, digits, '-', '_' and '.'", artifact_name)
-        self.logits_fn = logits_fn
+        resolve_weight_type(int8_weights)  # a bad value is refused here, with what is allowed
+        self.logits_fn, self.int8_weights = logits_fn, int8_weights
         self.baseline, self.artifact_name = baseline, artifact_name
         self._first_epoch: nn.Module | None = None
         self.dirpath = Path(dirpath)
@@ -186,7 +193,7 @@ class CompressionExport(CompressionCallback):
             report = write_bundle(
                 pl_module, self._before, self.dirpath, example, val, self._formats, checkpoint,
                 verify=self.verify, physical=self.physical, plots=self.plots, logits_fn=self.logits_fn,
-                baselines=self._baselines(trainer, self._before),
+                baselines=self._baselines(trainer, self._before), int8_weights=self.int8_weights,
             )  # fmt: skip
         finally:
             self._before = self._first_epoch = None

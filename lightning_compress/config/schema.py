@@ -165,23 +165,33 @@ def keeps_text(config: Mapping[str, Any], key: Sequence[str], value: Any, text: 
     """Whether an override's ``text`` should stay the string it was typed as: the argument at ``key`` (a
     built-in model or data module, the Trainer, a compression callback) is annotated to take a string,
     and YAML read ``text`` as something it does not take (``--compression.export.dirpath=2024``)."""
-    factory: Any = None
-    if len(key) == 2 and key[0] == "trainer":
-        import lightning.pytorch as pl
-
-        factory = pl.Trainer
-    elif len(key) == 3 and key[0] == "compression":
-        factory = callback_factories().get(key[1])
-    elif len(key) == 2 and key[0] == "data" and "class_path" not in (config.get("data") or {}):
-        from lightning_compress.vision.data import DATAMODULES
-
-        factory = DATAMODULES.get(str((config.get("data") or {}).get("name", "mnist5k")))
-    elif len(key) == 2 and key[0] == "model" and "class_path" not in (config.get("model") or {}):
-        from lightning_compress.vision.module import ClassificationModule
-
-        factory = ClassificationModule
+    depth = 3 if key and key[0] == "compression" else 2
+    factory = section_factory(key[0], config.get(key[0]) or {}, key[1]) if len(key) == depth else None
     hint = _hints(factory).get(key[-1]) if factory is not None else None
     return hint is not None and not _yaml_fits(value, hint) and _yaml_fits(text, hint)
+
+
+def section_factory(name: str, section: Mapping[str, Any], part: str | None = None) -> Callable[..., Any] | None:
+    """The constructor that a recipe section's keys are passed to: the built-in model or data module, the
+    Trainer, the compression callback ``part`` names; ``None`` for a ``class_path`` section or a name that
+    is not known (those are reported by :func:`validate`)."""
+    if name == "trainer":
+        import lightning.pytorch as pl
+
+        return pl.Trainer
+    if name == "compression":
+        return callback_factories().get(part or "")
+    if "class_path" in section:
+        return None
+    if name == "data":
+        from lightning_compress.vision.data import DATAMODULES
+
+        return DATAMODULES.get(str(section.get("name", "mnist5k")))
+    if name == "model":
+        from lightning_compress.vision.module import ClassificationModule
+
+        return ClassificationModule
+    return None
 
 
 def _check_class_path_section(name: str, section: Mapping[str, Any], allowed: Sequence[str]) -> list[str]:
@@ -196,10 +206,12 @@ def _check_model(section: Mapping[str, Any]) -> list[str]:
     if "class_path" in section:
         return _check_class_path_section("model", section, ("class_path", "init_args", "checkpoint"))
     from lightning_compress.vision.models import MODELS
-    from lightning_compress.vision.module import OPTIMIZERS, ClassificationModule
+    from lightning_compress.vision.module import OPTIMIZERS
 
     arguments = {k: v for k, v in section.items() if k != "checkpoint"}
-    problems = check_arguments("model.", ClassificationModule, arguments)
+    factory = section_factory("model", section)
+    assert factory is not None  # not a class_path section
+    problems = check_arguments("model.", factory, arguments)
     name, optimizer = arguments.get("model", "cnn_small"), arguments.get("optimizer", "adam")
     if isinstance(name, str) and name not in MODELS:
         problems.append(_unknown_value("model.model", name, list(MODELS)))
@@ -216,18 +228,19 @@ def _check_data(section: Mapping[str, Any]) -> list[str]:
     from lightning_compress.vision.data import DATAMODULES
 
     name = section.get("name", "mnist5k")
-    if not isinstance(name, str) or name not in DATAMODULES:
+    factory = section_factory("data", section) if isinstance(name, str) else None
+    if factory is None:
         return [_unknown_value("data.name", name, list(DATAMODULES))]
-    return check_arguments("data.", DATAMODULES[name], {k: v for k, v in section.items() if k != "name"})
+    return check_arguments("data.", factory, {k: v for k, v in section.items() if k != "name"})
 
 
 def _check_trainer(section: Mapping[str, Any]) -> list[str]:
-    import lightning.pytorch as pl
-
     refused = [f"trainer.{key}: set by the recipe itself (use `compression` / `logger`)" for key in section
                if key in ("callbacks", "logger")]  # fmt: skip
     rest = {k: v for k, v in section.items() if k not in ("callbacks", "logger")}
-    return refused + check_arguments("trainer.", pl.Trainer, rest, "lightning.Trainer's arguments")
+    factory = section_factory("trainer", section)
+    assert factory is not None
+    return refused + check_arguments("trainer.", factory, rest, "lightning.Trainer's arguments")
 
 
 def _check_compression(section: Mapping[str, Any]) -> list[str]:

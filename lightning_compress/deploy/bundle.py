@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.deploy import report as rep
+from lightning_compress.deploy.cpu import StoredType, WeightType, resolve_weight_type
 from lightning_compress.deploy.folder import replaced
 from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms, ort_session
 from lightning_compress.deploy.onnx import LogitsFn, apply_int8, float_copy, int8_plan, pick_logits, write_onnx
@@ -45,6 +46,7 @@ def write_bundle(
     plots: bool = True,
     baselines: Mapping[str, nn.Module] | None = None,
     logits_fn: LogitsFn | None = None,
+    int8_weights: WeightType = "auto",
 ) -> dict[str, Any]:
     """Export ``model`` in ``formats`` into ``folder``, verify the ONNX files, and write the report.
 
@@ -69,6 +71,8 @@ def write_bundle(
             candidates or validation data). Never an untrained model: any compression would look like a gain.
         logits_fn: ``output -> logits`` for a ``forward`` that returns more than the logits (default: a
             tensor, a ``logits`` key or attribute, or a tuple's first element).
+        int8_weights: how the int8 file stores its weights (``auto``, ``int8``, ``uint8``; see
+            :mod:`lightning_compress.deploy.cpu`); the report's ``files.onnx_int8`` says which and why.
 
     Returns:
         The report (also in ``report.json``).
@@ -79,12 +83,13 @@ def write_bundle(
         OSError: writing failed (a full disk); ``folder`` is left as it was.
     """
     folder = Path(folder)
+    weights = resolve_weight_type(int8_weights)  # a bad value fails before any work
     _check_finite(example, val)
     was_training = model.training
     model.eval()  # the reference outputs: running statistics, observers still
     try:
         with replaced(folder) as tmp:  # the folder as a whole: the old bundle or the new one, never a mix
-            settings = (verify, physical, plots, dict(baselines or {}), logits_fn)
+            settings = (verify, physical, plots, dict(baselines or {}), logits_fn, weights)
             report = _bundle(model, before, tmp, example, list(val), formats, checkpoint, *settings)
             for scratch in (".before.onnx", ".baseline.onnx"):
                 (tmp / scratch).unlink(missing_ok=True)
@@ -108,7 +113,7 @@ def _check_finite(example: Tensor, val: Sequence[tuple[Tensor, Tensor]]) -> None
 def _bundle(
     model: nn.Module, before: nn.Module, tmp: Path, example: Tensor, val: list[tuple[Tensor, Tensor]],
     formats: Sequence[str], checkpoint: Mapping[str, Any] | None, verify: bool, physical: bool, plots: bool,
-    baselines: dict[str, nn.Module], logits_fn: LogitsFn | None,
+    baselines: dict[str, nn.Module], logits_fn: LogitsFn | None, weights: tuple[StoredType, str],
 ) -> dict[str, Any]:  # fmt: skip
     batch = val[0][0] if val else example
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -144,17 +149,19 @@ def _bundle(
         files["onnx"] = {"path": path.name, "bytes": path.stat().st_size}
     if plan is not None:
         int8_model = apply_int8(copy.deepcopy(fp32), plan, removed)
-        path = write_onnx(int8_model, example, tmp / FILES["onnx_int8"], int8=True, logits_fn=logits_fn)
+        path = write_onnx(int8_model, example, tmp / FILES["onnx_int8"], int8=True, logits_fn=logits_fn,
+                          int8_weights=weights[0])  # fmt: skip
         if verify:
             with torch.no_grad():
                 fake_quant = pick_logits(model(batch.to(device)), logits_fn).cpu()
             logits = partial(pick_logits, logits_fn=logits_fn)
-            checks["onnx_int8"] = verify_int8(path, int8_model, batch, fake_quant, float_logits(), logits)
+            checks["onnx_int8"] = verify_int8(path, int8_model, batch, fake_quant, float_logits(), logits, weights)
         int8: dict[str, float] = {}
         _measure(path, batch, val, int8)
         figures_after.update({f"int8_{k}": v for k, v in int8.items()})
         figures_before.update({f"int8_{k}": figures_before[k] for k in int8 if k in figures_before})
-        files["onnx_int8"] = {"path": path.name, "bytes": path.stat().st_size}
+        files["onnx_int8"] = {"path": path.name, "bytes": path.stat().st_size, "weights": weights[0],
+                              "weights_reason": weights[1]}  # fmt: skip
     if "checkpoint" in formats:
         path = tmp / FILES["checkpoint"]
         with open(path, "wb") as handle:  # through a Python file: a full disk is OSError(ENOSPC), not RuntimeError

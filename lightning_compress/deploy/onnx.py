@@ -9,6 +9,8 @@ it with ``torch.onnx.export``, then rewrites the graph so that the file stores w
 - every float bias of a Conv/Gemm between quantised input and weight becomes int32 with scale
   ``input_scale * weight_scale`` behind a ``DequantizeLinear``, the form ONNX Runtime's QDQ
   fusion needs to run ``QLinearConv``/``QGemm``.
+- where this CPU needs it (:mod:`lightning_compress.deploy.cpu`), the int8 weights are stored as
+  uint8 with zero point 128: the same values, which ONNX Runtime computes exactly without VNNI.
 
 Files are written atomically (a temporary name, then a rename).
 
@@ -40,17 +42,18 @@ from lightning_compress.core.distillation import logits_of
 from lightning_compress.core.layers import weight_of
 from lightning_compress.core.pruning import fold_masks
 from lightning_compress.core.surgery import swap_modules, unpatched_copy
+from lightning_compress.deploy.cpu import WeightType, resolve_weight_type
 from lightning_compress.deploy.folder import umask
 from lightning_compress.deploy.shrink import kept_channels, remove_zero_channels
-from lightning_compress.errors import CompressionConfigError, Optional, require
+from lightning_compress.errors import CompressionConfigError, OptionalModule, require
 
 if TYPE_CHECKING:
     import onnx
     from onnx import helper, numpy_helper
 else:  # the `export` extra: imported when an ONNX file is written, not with the package
-    onnx = Optional("onnx", "export", "the ONNX export")
-    helper = Optional("onnx.helper", "export", "the ONNX export")
-    numpy_helper = Optional("onnx.numpy_helper", "export", "the ONNX export")
+    onnx = OptionalModule("onnx", "export", "the ONNX export")
+    helper = OptionalModule("onnx.helper", "export", "the ONNX export")
+    numpy_helper = OptionalModule("onnx.numpy_helper", "export", "the ONNX export")
 
 OPSET = 18
 
@@ -254,6 +257,35 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     return folded
 
 
+def store_weights_unsigned(model: onnx.ModelProto) -> int:
+    """Store every int8 weight initializer (:func:`fold_weight_quantizers`' ``*_int8``) as uint8 with zero
+    point 128, the same dequantised values; return how many. Run after :func:`quantize_biases` (which reads
+    the int8 weights)."""
+    graph = model.graph
+    inits = _initializers(graph)
+    shifted = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith("_int8") or node.input[0] not in inits:
+            continue
+        weights = numpy_helper.to_array(inits[node.input[0]])
+        if weights.dtype != np.int8 or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        zero = numpy_helper.to_array(inits[node.input[2]])
+        if zero.dtype != np.int8 or zero.any():
+            continue
+        unsigned = (weights.astype(np.int16) + 128).astype(np.uint8)
+        inits[node.input[0]].CopyFrom(numpy_helper.from_array(unsigned, node.input[0]))
+        # a zero point of its own: one tensor may be shared with a consumer that stays signed
+        name = node.input[2] + "_u8"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.full(zero.shape, 128, np.uint8), name)
+            graph.initializer.append(inits[name])
+        node.input[2] = name
+        shifted += 1
+    _drop_unused(graph)
+    return shifted
+
+
 BIAS_STEPS = 2**30  # the largest |bias / scale| an int32 bias is given (headroom below 2**31)
 
 
@@ -344,8 +376,23 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
     del model.graph.metadata_props[:]
 
 
+@contextlib.contextmanager
+def out_of_place(model: nn.Module) -> Iterator[None]:
+    """Activations with ``inplace=True`` (torchvision's ReLU, ReLU6, Hardswish, SiLU) run out of place while
+    the model is exported, then get their flag back: the same function, and torch's exporter decomposes each
+    in-place op at a cost (MobileNetV2: 58 of 97 s of decomposition were in-place activations)."""
+    flagged: list[Any] = [m for m in model.modules() if getattr(m, "inplace", None) is True]
+    for module in flagged:
+        module.inplace = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.inplace = True
+
+
 def _to_onnx(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), out_of_place(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
@@ -393,6 +440,7 @@ def export_onnx(
     int8: bool = False,
     physical: bool = False,
     logits_fn: LogitsFn | None = None,
+    int8_weights: WeightType = "auto",
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (batch dimension dynamic), atomically.
 
@@ -406,6 +454,8 @@ def export_onnx(
             already shrunk by :func:`lightning_compress.deploy.shrink.remove_zero_channels`).
         logits_fn: ``output -> logits`` for a ``forward`` that returns more than the logits (default
             :func:`pick_logits`' rule); the file's one output is the logits.
+        int8_weights: how the int8 file stores its weights: ``int8``, ``uint8`` (zero point 128, exact in
+            ONNX Runtime on every CPU), or ``auto`` (by this CPU; see :mod:`lightning_compress.deploy.cpu`).
 
     Returns:
         The path written.
@@ -414,7 +464,7 @@ def export_onnx(
         CompressionConfigError: ``int8=True`` on a model without QAT state; the folder cannot be written.
     """
     prepared = int8_copy(model, example_input, physical) if int8 else float_copy(model)
-    return write_onnx(prepared, example_input, path, int8, logits_fn)
+    return write_onnx(prepared, example_input, path, int8, logits_fn, int8_weights)
 
 
 def write_onnx(
@@ -423,18 +473,20 @@ def write_onnx(
     path: str | os.PathLike[str],
     int8: bool = False,
     logits_fn: LogitsFn | None = None,
+    int8_weights: WeightType = "auto",
 ) -> Path:
     """Export a model already prepared (:func:`float_copy`, :func:`int8_copy`) to ONNX at ``path``, atomically.
 
     ``prepared`` is exported on the CPU and left there, in eval mode, without gradients; its input keeps
     the example's dtype (token ids stay integers) and its one output is the logits (:class:`LogitsOnly`
-    where ``forward`` returns more).
+    where ``forward`` returns more); ``int8_weights`` as in :func:`export_onnx`.
 
     Raises:
         CompressionConfigError: the folder cannot be written.
     """
     for module in ("onnx", "onnxscript"):  # torch's exporter imports onnxscript: say which extra it is
         require(module, "export", "the ONNX export")
+    weight_type = resolve_weight_type(int8_weights)[0]
     path = Path(path)
     export: nn.Module = prepared.cpu().eval().requires_grad_(False)
     example = example_input.detach().cpu()
@@ -445,6 +497,8 @@ def write_onnx(
     if int8:
         fold_weight_quantizers(proto)
         quantize_biases(proto)
+        if weight_type == "uint8":
+            store_weights_unsigned(proto)
     strip_debug_info(proto)
     onnx.checker.check_model(proto)
     try:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.deploy import cpu
 from lightning_compress.errors import ExportVerificationError, require
 
 FP32_MIN_SQNR_DB = 80.0
@@ -212,6 +213,7 @@ def verify_int8(
     fake_quant: Tensor,
     float_output: Tensor,
     logits: Callable[[Any], Tensor],
+    weights: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Check an int8 file layer by layer (:func:`layerwise`) and end to end.
 
@@ -222,6 +224,8 @@ def verify_int8(
         fake_quant: the trained fake-quant model's logits on ``batch`` (the end-to-end reference).
         float_output: the float model's logits on ``batch``.
         logits: ``output -> logits`` of ``prepared``.
+        weights: how the file stores its weights and why (:func:`lightning_compress.deploy.cpu.resolve_weight_type`),
+            for the hint when the check fails.
 
     Raises:
         ExportVerificationError: a layer (or the logits) has more than :data:`INT8_MAX_OFF_SHARE` of its
@@ -257,8 +261,18 @@ def verify_int8(
             f"{Path(path).name}: ONNX Runtime's int8 model parts ways with the "
             f"PyTorch model {where}: {first['off_share']:.1%} of {first['elements']} elements more than one "
             f"quantisation step apart (at most {INT8_MAX_OFF_SHARE:.1%}), up to {first['max_steps']:.0f} steps"
+            + _saturation_hint(weights)
         )
     return result
+
+
+def _saturation_hint(weights: tuple[str, str] | None) -> str:
+    """Where int8 weights meet a CPU whose u8s8 kernels saturate, that is the likely cause: say so."""
+    exact, why = cpu.u8s8_exact()
+    if weights is None or weights[0] != "int8" or exact:
+        return ""
+    return (f". HINT: this is {why}; store the weights as uint8 (CompressionExport(int8_weights='uint8') or "
+            "'auto'), which ONNX Runtime computes exactly on every CPU")
 
 
 def describe(quantizer: str) -> str:

@@ -47,6 +47,15 @@ def log_sweep(project: str, group: str, folder: Path, rows: list[dict[str, Any]]
     run.finish()
 
 
+def finish_run() -> None:
+    """Finish the W&B run this process has open, if any: ``wandb.init`` would hand it to the next run started
+    here (the next trial of a sweep) instead of starting a new one."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish()
+
+
 def init_options() -> list[str]:
     """The options ``wandb.init`` takes (``WandbLogger`` passes its extra ``**kwargs`` on to it), less
     ``config`` and ``settings`` (a recipe's own); ``[]`` without wandb installed."""

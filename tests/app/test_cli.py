@@ -37,6 +37,10 @@ def test_export_a_checkpoint(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["structure"]["physical"] and all(c["passed"] for c in report["verification"].values())
     assert "ort_accuracy" not in report["before"] and 0 < report["after"]["ort_accuracy"] <= 1
+    out = tmp_path / "unsigned"
+    assert main(["export", str(tmp_path / "run.ckpt"), "--out", str(out), "--data", "digits", "--int8-weights",
+                 "uint8"]) == 0  # fmt: skip  (exact in ONNX Runtime on every CPU)
+    assert json.loads((out / "report.json").read_text())["files"]["onnx_int8"]["weights"] == "uint8"
 
 
 def test_export_bad_input_exits_2(tmp_path, capsys):

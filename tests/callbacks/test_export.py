@@ -16,6 +16,7 @@ from lightning_compress import (
     restore,
 )
 from lightning_compress.deploy import bundle
+from lightning_compress.deploy.cpu import resolve_weight_type
 from lightning_compress.deploy.measure import ort_session
 from lightning_compress.deploy.report import REPORT_VERSION
 from lightning_compress.errors import ExportVerificationError
@@ -40,6 +41,7 @@ def compressed_run(out, **kwargs):
         ({"example_input": [1, 2]}, r"`example_input` must be a tensor batch or None, got \[1, 2\]"),
         ({"val_batches": 0}, "`val_batches` must be a positive number of batches or None, got 0"),
         ({"dirpath": 3}, "`dirpath` must be a folder path, got 3"),
+        ({"int8_weights": "u8"}, "`int8_weights` must be one of 'auto', 'int8', 'uint8', got 'u8'"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, message):
@@ -69,6 +71,8 @@ def test_exports_verifies_and_reports(tmp_path):
     for key in ("ort_accuracy", "ort_latency_ms", "onnx_bytes", "int8_onnx_bytes", "compressed_bytes", "macs"):
         assert key in report["after"], key
     assert report["after"]["int8_onnx_bytes"] == (out / "model.int8.onnx").stat().st_size
+    stored, why = resolve_weight_type("auto")  # the CPU decides: int8 with VNNI or on ARM, uint8 elsewhere
+    assert report["files"]["onnx_int8"]["weights"] == stored and report["files"]["onnx_int8"]["weights_reason"] == why
     layers = {row["name"]: row for row in report["layers"]}
     assert layers["net.fc2"]["weight_bits"] == 8 and layers["net.conv1"]["sparsity"] >= 0.0
     assert "| params |" in (out / "report.md").read_text()

@@ -43,6 +43,23 @@ def calibrated(name, batches, sparsity=0.0, config=None):
     return model.eval()
 
 
+def weight_ints(path):
+    """The integer weights the file stores, as signed steps (stored value minus zero point) whatever
+    their type (int8, or uint8 with zero point 128 where the CPU needs it)."""
+    graph = onnx.load(path).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    out = []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith("_int8"):
+            ints, zero = inits[node.input[0]], inits[node.input[2]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * ints.ndim
+            if zero.size > 1:
+                shape[axis] = -1
+            out.append(ints.astype(np.int16) - zero.astype(np.int16).reshape(shape))
+    return out
+
+
 def session(path, optimized=None):
     options = ort.SessionOptions()
     if optimized:
@@ -99,6 +116,47 @@ def test_int8_runs_integer_kernels_and_agrees_within_one_step(tmp_path, batches,
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95  # ties within one step may flip
 
 
+def test_uint8_weights_store_the_same_steps_and_run_exactly_on_any_cpu(tmp_path, batches, trained):
+    """uint8 weights (zero point 128) hold the int8 file's values step for step, and ORT runs them with
+    integer kernels within one output step of PyTorch on every CPU (u8u8 does not saturate)."""
+    example = batches[0][:1]
+    signed = export_onnx(trained, example, tmp_path / "s.int8.onnx", int8=True, int8_weights="int8")
+    unsigned = export_onnx(trained, example, tmp_path / "u.int8.onnx", int8=True, int8_weights="uint8")
+    stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(unsigned).graph.initializer}
+    types = {a.dtype for name, a in stored.items() if name.endswith("_int8")}
+    assert types == {np.dtype(np.uint8)}
+    a, b = weight_ints(signed), weight_ints(unsigned)
+    assert len(a) == len(b) == 5 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    run = session(unsigned, optimized=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 2 and not FLOAT_COMPUTE & set(ops)
+    with torch.no_grad():
+        expected = trained(batches[3]).numpy()
+    step = trained.classifier[3].output_quant.qparams()[0]
+    assert np.abs(run.run(None, {"input": batches[3].numpy()})[0] - expected).max() <= step * 1.001
+
+
+def test_auto_weight_type_follows_the_cpu(tmp_path, monkeypatch):
+    from lightning_compress.deploy import cpu
+
+    def exact(flags, machine="x86_64"):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
+        cpu.u8s8_exact.cache_clear()
+        try:
+            return cpu.u8s8_exact(str(tmp_path / "cpuinfo"))
+        finally:
+            cpu.u8s8_exact.cache_clear()
+
+    assert exact("avx2 avx512f avx512_vnni")[0] and exact("avx2 avx_vnni")[0]
+    ok, why = exact("avx2 avx512f")
+    assert not ok and "without VNNI" in why and "saturate" in why
+    assert exact("", machine="aarch64")[0]
+    assert cpu.resolve_weight_type("uint8") == ("uint8", "chosen")
+    with pytest.raises(CompressionConfigError, match=r"int8_weights.*'auto', 'int8', 'uint8'.*got 'u8'"):
+        cpu.resolve_weight_type("u8")
+
+
 def test_int8_file_is_a_quarter_of_fp32(tmp_path, batches):
     model = calibrated("cnn_small", batches)
     int8 = export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
@@ -109,8 +167,7 @@ def test_int8_file_is_a_quarter_of_fp32(tmp_path, batches):
 def test_four_bit_weights_export_on_their_grid(tmp_path, batches):
     model = calibrated("cnn_tiny", batches, config=q.QuantConfig(weight_bits=4))
     export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
-    ints = [numpy_helper.to_array(i) for i in onnx.load(tmp_path / "m.int8.onnx").graph.initializer]
-    weights = [a for a in ints if a.dtype == np.int8 and a.ndim > 1]
+    weights = [a for a in weight_ints(tmp_path / "m.int8.onnx") if a.ndim > 1]
     assert len(weights) == 5 and all(np.abs(a).max() <= 7 for a in weights)
     got = session(tmp_path / "m.int8.onnx").run(None, {"input": batches[3].numpy()})[0]
     with torch.no_grad():
@@ -121,8 +178,7 @@ def test_pruned_weights_are_zero_in_the_int8_file(tmp_path, batches):
     model = calibrated("cnn_small", batches, sparsity=0.8)
     stored = {tuple(weight_of(m).shape): (weight_of(m) == 0).numpy() for m in select_layers(model).values()}
     export_onnx(model, batches[0][:1], tmp_path / "m.int8.onnx", int8=True)
-    inits = [numpy_helper.to_array(i) for i in onnx.load(tmp_path / "m.int8.onnx").graph.initializer]
-    int8 = {a.shape: a for a in inits if a.dtype == np.int8 and a.ndim > 1}
+    int8 = {a.shape: a for a in weight_ints(tmp_path / "m.int8.onnx") if a.ndim > 1}
     assert int8.keys() == stored.keys()
     pruned = sum(int(mask.sum()) for mask in stored.values())
     assert pruned >= 0.8 * sum(mask.size for mask in stored.values()) - 5

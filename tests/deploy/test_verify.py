@@ -105,3 +105,33 @@ def test_int8_check_names_the_layer_where_a_wrong_file_departs(int8_file, tmp_pa
         wrong = _mutated(path, tmp_path, change)
         with pytest.raises(ExportVerificationError, match=rf"parts ways with the PyTorch model at the {where}: .*step"):
             verify_int8(wrong, copy.deepcopy(prepared), x, fake_quant, floating, pick_logits)
+
+
+def test_int8_weights_on_a_cpu_whose_kernels_saturate_fail_with_the_reason_and_the_fix(monkeypatch, tmp_path):
+    """Inputs near the top of their range meet weights near ±127: u8s8 pairs exceed int16 on x86 without VNNI.
+    Where this CPU saturates, the int8-weight file fails its check, and the message says why and what to do;
+    the uint8-weight file of the same model passes. Elsewhere only the hint's rule is checked."""
+    from lightning_compress.deploy import cpu, verify
+
+    monkeypatch.setattr(cpu, "u8s8_exact", lambda: (False, "an x86 CPU without VNNI"))
+    hint = verify._saturation_hint(("int8", "chosen"))
+    assert "this is an x86 CPU without VNNI" in hint and "int8_weights='uint8'" in hint
+    assert verify._saturation_hint(("uint8", "auto: ...")) == "" and verify._saturation_hint(None) == ""
+    monkeypatch.undo()
+    if cpu.u8s8_exact()[0]:
+        return
+    model, x = quantised(bn=True)
+    x = 0.9 + 0.1 * torch.rand_like(x)  # positive inputs near the top of their range: uint8 codes near 255
+    with torch.no_grad():
+        model.conv1.weight.fill_(0.5)  # one value per channel: every int8 weight is 127
+        model.train()
+        model(x)
+    model.eval()
+    prepared = int8_copy(model, x[:2])
+    with torch.no_grad():
+        fake_quant, floating = model(x), float_copy(model)(x)
+    signed = write_onnx(prepared, x[:2], tmp_path / "s.int8.onnx", int8=True, int8_weights="int8")
+    with pytest.raises(ExportVerificationError, match=r"HINT: this is an x86 CPU without VNNI.*uint8"):
+        verify_int8(signed, copy.deepcopy(prepared), x, fake_quant, floating, pick_logits, ("int8", "chosen"))
+    unsigned = write_onnx(prepared, x[:2], tmp_path / "u.int8.onnx", int8=True, int8_weights="uint8")
+    assert verify_int8(unsigned, prepared, x, fake_quant, floating, pick_logits, ("uint8", "chosen"))["passed"]
