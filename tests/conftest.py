@@ -26,17 +26,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per cor
 # composition matrix twice: 2 x 160 s). `make test` runs with `--dist loadgroup`: the tests sharing one
 # go to one worker.
 SESSION_SHARED = ("ddp_run",)
-MODULE_SHARED = ("matrix", "teacher", "trained", "int8_file", "digits_checkpoint", "trained_teacher")
+MODULE_SHARED = ("matrix", "trained_teacher", "trained", "int8_file", "digits_checkpoint", "teacher")  # costliest first
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     for item in items:
-        names = set(getattr(item, "fixturenames", ()))
+        names = getattr(item, "fixturenames", ())
         session = next((n for n in SESSION_SHARED if n in names), None)
+        shared = next((n for n in MODULE_SHARED if n in names), None)  # the most expensive one it uses
         if session:
             item.add_marker(pytest.mark.xdist_group(session))
-        elif names & set(MODULE_SHARED):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        elif shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared}"))
 
 
 @pytest.fixture(autouse=True)

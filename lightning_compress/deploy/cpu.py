@@ -33,7 +33,7 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "avx512vnni")
 def u8s8_exact(cpuinfo: str = "/proc/cpuinfo") -> tuple[bool, str]:
     """Whether ORT's u8s8 kernels are exact on this CPU, and why (one line, for the report and logs)."""
     machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+    if machine == "aarch64" or machine.startswith("arm"):  # arm64, armv8l, ...
         return True, f"an {machine} CPU (ORT's int8 dot products do not saturate)"
     if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return False, f"a {machine or 'unknown'} CPU (not known to run ORT's u8s8 kernels exactly)"

@@ -45,6 +45,7 @@ from lightning_compress.core.surgery import swap_modules, unpatched_copy
 from lightning_compress.deploy.cpu import WeightType, resolve_weight_type
 from lightning_compress.deploy.folder import umask
 from lightning_compress.deploy.shrink import kept_channels, remove_zero_channels
+from lightning_compress.deploy.torchlib import torchlib_once
 from lightning_compress.errors import CompressionConfigError, OptionalModule, require
 
 if TYPE_CHECKING:
@@ -268,18 +269,23 @@ def store_weights_unsigned(model: onnx.ModelProto) -> int:
         if node.op_type != "DequantizeLinear" or not node.input[0].endswith("_int8") or node.input[0] not in inits:
             continue
         weights = numpy_helper.to_array(inits[node.input[0]])
-        if weights.dtype != np.int8 or len(node.input) < 3 or node.input[2] not in inits:
+        if weights.dtype != np.int8:
             continue
-        zero = numpy_helper.to_array(inits[node.input[2]])
-        if zero.dtype != np.int8 or zero.any():
-            continue
+        if len(node.input) >= 3 and node.input[2]:
+            zero = _constant_value(graph, node.input[2])
+            if zero is None or zero.dtype != np.int8:  # never silently left int8: that file would saturate
+                raise ValueError(f"{node.name}: int8 weights {node.input[0]!r} without a constant int8 zero point")
+            name = node.input[2] + "_u8"
+        else:  # no zero point: 0
+            zero, name = np.zeros((), np.int8), node.input[0] + "_zero_point_u8"
         unsigned = (weights.astype(np.int16) + 128).astype(np.uint8)
         inits[node.input[0]].CopyFrom(numpy_helper.from_array(unsigned, node.input[0]))
         # a zero point of its own: one tensor may be shared with a consumer that stays signed
-        name = node.input[2] + "_u8"
         if name not in inits:
-            inits[name] = numpy_helper.from_array(np.full(zero.shape, 128, np.uint8), name)
+            inits[name] = numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), name)
             graph.initializer.append(inits[name])
+        while len(node.input) < 3:
+            node.input.append("")
         node.input[2] = name
         shifted += 1
     _drop_unused(graph)
@@ -392,7 +398,10 @@ def out_of_place(model: nn.Module) -> Iterator[None]:
 
 
 def _to_onnx(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), out_of_place(model):
+    with (
+        torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), out_of_place(model),
+        torchlib_once(),
+    ):  # fmt: skip
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,

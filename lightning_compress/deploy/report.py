@@ -11,7 +11,8 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
 - ``baseline``: what the accuracy is compared with, ``{source, ort_accuracy, candidates: {source: accuracy}}``
   (the most accurate candidate; ``None`` without one): the distillation teacher, the model as fit started
   or after its first epoch, a given model or checkpoint — never an untrained model;
-- ``files``: ``{format: {path, bytes}}``;
+- ``files``: ``{format: {path, bytes}}`` (``onnx_int8`` also ``weights``: ``int8`` or ``uint8``, and
+  ``weights_reason``, see :mod:`lightning_compress.deploy.cpu`);
 - ``verification``: ``{format: {sqnr_db, relative_error, max_abs_diff, top1_agreement, decisive_flips,
   criterion, passed}}`` (int8 also ``sqnr_vs_float_db``, ``fake_quant_sqnr_vs_float_db`` and ``layers``:
   the layer-by-layer comparison, see :mod:`lightning_compress.deploy.verify`);
