@@ -11,6 +11,8 @@ Arms, at every target sparsity:
                            (2E epochs in all)
   - ours                 : MagnitudePruning, cubic GMP from epoch 0 to R, E epochs
   - ours 2E              : MagnitudePruning over 2E epochs (ramp to 2R): compute-matched with one-shot
+  - ours (LAMP)          : MagnitudePruning(scope="lamp"): one threshold over LAMP scores (Lee et al. 2021)
+`--arms` runs a subset (dense and dense 2E always run: the time baseline).
 Time ratio: median epoch time of the arm / median epoch time of the dense runs of the same seed; and,
 sharper, an interleaved timing section first: rounds of [dense, ModelPruning, ours] 2-epoch runs
 pruning in every epoch, ratio of median epoch times (``--timing-rounds``, ``--timing-only``).
@@ -34,6 +36,9 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch.nn.utils import prune as torch_prune
 
 from lightning_compress import MagnitudePruning
+
+ANCHORS = ("ModelPruning (LTH)", "ModelPruning", "one-shot + FT")
+ARMS = (*ANCHORS, "ours", "ours (LAMP)", "ours 2E")
 
 
 def modelpruning(module: torch.nn.Module, target: float, ramp: int, lottery: bool) -> ModelPruning:
@@ -64,7 +69,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]
     ramp = max(1, round(args.ramp * args.epochs))
     out: dict[str, dict[str, float]] = {}
 
-    def arm(name: str, epochs: int, make_callbacks: Any = None) -> torch.nn.Module:
+    def arm(name: str, epochs: int, make_callbacks: Any = None) -> torch.nn.Module | None:
+        if "/" in name and name.split("/", 1)[1] not in args.arms:
+            return None
         module = new_module(args.model, args.data, seed)
         callbacks = make_callbacks(module) if make_callbacks else []
         accuracy, epoch = fit(module, args.data, epochs, seed, callbacks)
@@ -73,14 +80,18 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]
         return module
 
     dense = arm("dense", args.epochs)
+    assert dense is not None
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     for target in args.targets:
         t = f"{target:g}"
         arm(f"{t}/ModelPruning (LTH)", args.epochs, lambda m, t_=target: [modelpruning(m, t_, ramp, lottery=True)])
         arm(f"{t}/ModelPruning", args.epochs, lambda m, target=target: [modelpruning(m, target, ramp, lottery=False)])
-        out[f"{t}/one-shot + FT"] = one_shot(dense_state, args, seed, target)
-        print(f"seed {seed} {t}/one-shot + FT: {out[f'{t}/one-shot + FT']}")
+        if "one-shot + FT" in args.arms:
+            out[f"{t}/one-shot + FT"] = one_shot(dense_state, args, seed, target)
+            print(f"seed {seed} {t}/one-shot + FT: {out[f'{t}/one-shot + FT']}")
         arm(f"{t}/ours", args.epochs, lambda m, target=target: [MagnitudePruning(target, end_epoch=ramp)])
+        arm(f"{t}/ours (LAMP)", args.epochs,
+            lambda m, target=target: [MagnitudePruning(target, end_epoch=ramp, scope="lamp")])  # fmt: skip
         arm(f"{t}/ours 2E", 2 * args.epochs, lambda m, target=target: [MagnitudePruning(target, end_epoch=2 * ramp)])
         if target == args.targets[len(args.targets) // 2]:
             arm("dense 2E", 2 * args.epochs)  # the control, run mid-way so the dense timings bracket the rest
@@ -113,16 +124,18 @@ def report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) ->
         names = [n.split("/", 1)[1] for n in acc if n.startswith(f"{t}/")]
         rows.append([f"**target {t}**", "", "", "", ""])
         rows += [row(f"{t}/{n}", n) for n in names]
-        ours, dense = statistics.mean(acc[f"{t}/ours"]), statistics.mean(acc["dense"])
-        anchors = {n: statistics.mean(acc[f"{t}/{n}"]) for n in ("ModelPruning (LTH)", "ModelPruning", "one-shot + FT")}
-        best = max(anchors, key=lambda n: anchors[n])
-        mp_ratio = statistics.median(ratio[f"{t}/ModelPruning"])
-        our_ratio = statistics.median(ratio[f"{t}/ours"])
-        lines.append(
-            f"target {t}: ours {100 * ours:.2f}% vs best anchor {best} {100 * anchors[best]:.2f}% "
-            f"({'≥' if ours >= anchors[best] else '<'}); vs dense {100 * (ours - dense):+.2f} points; "
-            f"time ratio {our_ratio:.3f} vs ModelPruning {mp_ratio:.3f}"
-        )
+        dense = statistics.mean(acc["dense"])
+        anchors = {n: statistics.mean(acc[f"{t}/{n}"]) for n in ANCHORS if f"{t}/{n}" in acc}
+        for ours_name in (n for n in ("ours", "ours (LAMP)") if f"{t}/{n}" in acc):
+            ours = statistics.mean(acc[f"{t}/{ours_name}"])
+            line = f"target {t}: {ours_name} {100 * ours:.2f}%; vs dense {100 * (ours - dense):+.2f} points"
+            if anchors:
+                best = max(anchors, key=lambda n: anchors[n])
+                line += f"; best anchor {best} {100 * anchors[best]:.2f}% ({'≥' if ours >= anchors[best] else '<'})"
+            if f"{t}/ModelPruning" in ratio:
+                line += (f"; time ratio {statistics.median(ratio[f'{t}/{ours_name}']):.3f} vs ModelPruning "
+                         f"{statistics.median(ratio[f'{t}/ModelPruning']):.3f}")  # fmt: skip
+            lines.append(line)
     return markdown(header, rows) + "\n\n" + "\n".join(lines)
 
 
@@ -187,6 +200,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
     parser.add_argument("--timing-rounds", type=int, default=8, help="interleaved timing rounds (0: none)")
     parser.add_argument("--timing-only", action="store_true", help="skip the accuracy runs")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
+                        help=f"the arms at each target (default all: {', '.join(ARMS)})")  # fmt: skip
     args = parser.parse_args()
     if args.timing_rounds:
         table = timing(args)

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -29,8 +30,8 @@ SESSION_SHARED = ("ddp_run",)
 MODULE_SHARED = ("matrix", "trained_teacher", "trained", "int8_file", "digits_checkpoint", "teacher")  # costliest first
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which writes the groups into the test ids it schedules by
+def pytest_collection_modifyitems(config, items):
     for item in items:
         names = getattr(item, "fixturenames", ())
         session = next((n for n in SESSION_SHARED if n in names), None)
@@ -39,6 +40,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(session))
         elif shared:
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared}"))
+    return (yield)
+
+
+def pytest_configure(config):
+    """pytest 9.2's structured test ids silently undo xdist 3.8's groups (it writes them into the legacy
+    ``_nodeid``, pytest-xdist#1386): say so rather than build every shared fixture once per worker."""
+    if config.getoption("dist", "no") != "loadgroup" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import inspect
+
+    import xdist.remote
+
+    legacy = "item._nodeid =" in inspect.getsource(xdist.remote)
+    version = tuple(int(part) for part in re.findall(r"\d+", pytest.__version__)[:2])
+    if legacy and version >= (9, 2):
+        config.issue_config_time_warning(pytest.PytestWarning(
+            f"pytest {pytest.__version__} with pytest-xdist's --dist loadgroup ignores the groups (pytest-xdist#1386; "
+            "constraints.txt pins pytest<9.2): every worker builds the shared fixtures"), stacklevel=2)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -55,7 +55,9 @@ class MagnitudePruning(CompressionCallback):
             at most two an epoch.
         schedule: ``cubic`` (Zhu & Gupta 2017), ``linear`` or ``constant`` (the final sparsity from
             the start: one-shot pruning at ``start_epoch``).
-        scope: ``global`` (one magnitude threshold across all selected layers) or ``layer``.
+        scope: ``global`` (one magnitude threshold across all selected layers), ``layer`` or, for
+            ``unstructured``, ``lamp`` (one threshold over LAMP scores, Lee et al. 2021, which compare layers
+            of different sizes fairly; see :func:`lightning_compress.core.pruning.lamp_scores`).
         pattern: ``unstructured``, ``N:M`` (e.g. ``2:4``, along the input dimension) or ``channel``
             (whole output channels ranked by ``norm``; the last selected layer, normally the
             classifier, is left out unless ``include`` names it; the BatchNorm a conv feeds is
@@ -92,7 +94,7 @@ class MagnitudePruning(CompressionCallback):
         initial_sparsity: float = 0.0,
         update_frequency: int | None = None,
         schedule: Literal["cubic", "linear", "constant"] = "cubic",
-        scope: Literal["global", "layer"] = "global",
+        scope: Literal["global", "layer", "lamp"] = "global",
         pattern: str = "unstructured",
         norm: str = "l1",
         include: Sequence[str] | str | None = None,
@@ -115,6 +117,8 @@ class MagnitudePruning(CompressionCallback):
             raise config_error("schedule", one_of(SCHEDULES), schedule, did_you_mean(str(schedule), SCHEDULES))
         if scope not in core.SCOPES:
             raise config_error("scope", one_of(core.SCOPES), scope, did_you_mean(str(scope), core.SCOPES))
+        if scope == "lamp" and self.pattern.kind != "unstructured":
+            raise config_error("scope", f"'global' or 'layer' with pattern '{self.pattern}' ({core.LAMP_NEEDS})", scope)
         if norm not in core.NORMS:
             raise config_error("norm", one_of(core.NORMS), norm, did_you_mean(str(norm), core.NORMS))
         if not isinstance(fold_on_fit_end, bool):
@@ -382,4 +386,3 @@ def _broadcast_mask(mask: Tensor) -> Tensor:
 def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
     """Every affine BatchNorm of ``model`` (masked along with the channel they follow, if any)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
-

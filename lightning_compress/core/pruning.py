@@ -34,7 +34,8 @@ from lightning_compress.core.graph import (
 from lightning_compress.core.layers import BN_TYPES, LAYER_TYPES, attention_projections, select_layers, weight_of
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "lamp")
+LAMP_NEEDS = "'lamp' ranks single weights: pattern 'unstructured'"
 NORMS = ("l1", "l2")
 MIN_KEPT_SHARE = 0.5  # global pruning: every layer keeps at least this share of 1 - target of its weights / channels
 WEIGHT_MASK = "weight_mask"
@@ -156,8 +157,9 @@ def compute_masks(
             of them are pruned, at most ``M - N``).
         scope: ``global`` (one threshold across all weights, or for channels across each layer's scores
             relative to its mean channel score; no layer keeps fewer than :data:`MIN_KEPT_SHARE` of
-            ``1 - target`` of its weights or channels) or ``layer`` (each weight pruned to ``target``). N:M is
-            always per group.
+            ``1 - target`` of its weights or channels), ``layer`` (each weight pruned to ``target``) or, for
+            ``unstructured``, ``lamp`` (one threshold over :func:`lamp_scores`, which compare layers fairly;
+            the same floor). N:M is always per group.
         norm: ``l1`` or ``l2``, the channel score.
         couplings: for ``channel``, groups of layers whose output channels are one set (e.g. the
             convolutions feeding the same residual add, see
@@ -180,6 +182,8 @@ def compute_masks(
         raise config_error("norm", one_of(NORMS), norm, did_you_mean(norm, NORMS))
     if pattern.kind == "n:m":
         return {name: _nm_mask(w, pattern, target) for name, w in weights.items()}
+    if scope == "lamp" and pattern.kind != "unstructured":
+        raise config_error("scope", f"'global' or 'layer' with pattern '{pattern}' ({LAMP_NEEDS})", scope)
     groups: list[list[str]] = []
     if pattern.kind == "channel":
         scores = {name: _channel_scores(w, norm) for name, w in weights.items()}
@@ -191,6 +195,8 @@ def compute_masks(
                 del scores[name]
     else:
         scores = {name: w.detach().abs().reshape(-1).float() for name, w in weights.items()}
+        if scope == "lamp":
+            scores = {name: lamp_scores(s) for name, s in scores.items()}
     if scope == "layer":
         flat_masks = {name: _keep_top(s, _kept(s.numel(), target, pattern)) for name, s in scores.items()}
     elif pattern.kind == "channel":
@@ -206,6 +212,25 @@ def compute_masks(
                 flat_masks[name] = flat_masks[group[0]].clone()
         return flat_masks
     return {name: flat_masks[name].reshape(w.shape) for name, w in weights.items()}
+
+
+def lamp_scores(magnitudes: Tensor) -> Tensor:
+    """LAMP scores of one layer's weights (Lee et al. 2021, "Layer-adaptive sparsity for the magnitude-based
+    pruning"): each weight's square over the sum of the squares of the weights of its layer at least as large,
+    ``w_u**2 / sum_{v >= u} w_v**2`` (weights sorted by magnitude; ties in index order). Within a layer the
+    order is the magnitudes'; across layers one threshold prunes where the layer's remaining weights lose
+    the least (the model-level distortion bound of the paper), and every layer's largest weight scores 1, so
+    no layer is pruned away.
+
+    Example: magnitudes ``[1, 2, 3]`` score ``[1/14, 4/13, 9/9]``.
+    """
+    flat = magnitudes.detach().reshape(-1).double().square()
+    order = torch.argsort(flat, stable=True)
+    ascending = flat[order]
+    at_least = ascending.flip(0).cumsum(0).flip(0)  # the sum over each weight and every larger one
+    scores = torch.empty_like(flat)
+    scores[order] = ascending / at_least.clamp_min(torch.finfo(torch.float64).tiny)
+    return scores.float().reshape(magnitudes.shape)
 
 
 def _balanced(mask: Tensor, scores: Tensor, segment: Sequence[int]) -> Tensor:

@@ -44,7 +44,8 @@ class StepProbe(pl.Callback):
         ({"update_frequency": 0}, "`update_frequency` must be a positive number of optimizer steps or None, got 0"),
         ({"update_frequency": 2.5}, "`update_frequency` must be a positive number of optimizer steps or None, got 2.5"),
         ({"schedule": "cubik"}, "`schedule` must be one of 'cubic', 'linear', 'constant', got 'cubik'. HINT: did you"),
-        ({"scope": "globl"}, "`scope` must be one of 'global', 'layer', got 'globl'. HINT: did you mean 'global'"),
+        ({"scope": "globl"}, "`scope` must be one of 'global', 'layer', 'lamp', got 'globl'. HINT: did you mean 'glob"),
+        ({"scope": "lamp", "pattern": "channel"}, "`scope` must be 'global' or 'layer' with pattern 'channel'"),
         ({"pattern": "chanel"}, "`pattern` must be 'unstructured', 'channel' or 'N:M'.*HINT: did you mean 'channel'"),
         ({"norm": "l0"}, "`norm` must be one of 'l1', 'l2', got 'l0'"),
         ({"include": 3}, r"`include` must be a module-name pattern or a list of them .* got 3"),
@@ -129,6 +130,20 @@ def test_layer_scope_and_linear_schedule():
     _, module = fit([pruning], max_epochs=1)
     for layer in select_layers(module).values():
         assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_lamp_scope_reaches_the_target_with_qat_and_the_export_verifies(tmp_path):
+    import json
+
+    from lightning_compress import CompressionExport, QuantizationAwareTraining
+
+    pruning = MagnitudePruning(final_sparsity=0.9, scope="lamp", end_epoch=1)
+    export = CompressionExport(tmp_path, plots=False, val_batches=1, baseline=None)
+    fit([pruning, QuantizationAwareTraining(start_epoch=1), export], max_epochs=2)
+    assert sparsity(pruning.modules) == pytest.approx(0.9, abs=1e-3)
+    assert all(float(m.weight_mask.float().mean()) >= 0.05 for m in pruning.modules.values())  # the floor holds
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values())
 
 
 def test_channel_pattern_zeros_whole_filters_and_spares_the_classifier():

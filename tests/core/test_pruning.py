@@ -11,6 +11,7 @@ from lightning_compress.core.pruning import (
     attach_masks,
     compute_masks,
     fold_masks,
+    lamp_scores,
     layer_sparsity,
     masked_modules,
     prune,
@@ -180,10 +181,40 @@ def test_compute_masks_argument_errors():
     w = {"w": torch.randn(4, 4)}
     with pytest.raises(CompressionConfigError, match=r"`target` must be in \[0, 1\), got 1.0"):
         compute_masks(w, 1.0)
-    with pytest.raises(CompressionConfigError, match="`scope` must be one of 'global', 'layer', got 'glob'"):
+    with pytest.raises(CompressionConfigError, match="`scope` must be one of 'global', 'layer', 'lamp', got 'glob'"):
         compute_masks(w, 0.5, scope="glob")
     with pytest.raises(CompressionConfigError, match="`norm` must be one of 'l1', 'l2', got 'l3'"):
         compute_masks(w, 0.5, "channel", norm="l3")
+
+
+def test_lamp_scores_are_the_papers_formula_on_a_hand_checked_layer():
+    # sorted |w|: 1, 2, 3 -> squares 1, 4, 9; each over the sum of itself and the larger ones: 1/14, 4/13, 9/9
+    scores = lamp_scores(torch.tensor([[3.0, -1.0], [2.0, 0.0]]))
+    expected = torch.tensor([[1.0, 1 / 14], [4 / 13, 0.0]])
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(lamp_scores(torch.tensor([1.0, 1.0])), torch.tensor([0.5, 1.0]))  # ties: index order
+    torch.testing.assert_close(lamp_scores(torch.zeros(3)), torch.zeros(3))  # an emptied layer: no NaN
+
+
+def test_lamp_compares_layers_by_shape_not_by_scale():
+    # the same weights at a tenth of the scale: one magnitude threshold prunes the small layer down to its
+    # floor, LAMP (scale-invariant per layer) prunes both alike
+    weights = {"big": torch.tensor([4.0, 3.0, 2.0, 1.0]), "small": torch.tensor([0.4, 0.3, 0.2, 0.1])}
+    magnitude = compute_masks(weights, 0.5)
+    assert magnitude["big"].tolist() == [True, True, True, False]
+    assert magnitude["small"].tolist() == [True, False, False, False]
+    lamp = compute_masks(weights, 0.5, scope="lamp")
+    assert lamp["big"].tolist() == lamp["small"].tolist() == [True, True, False, False]
+
+
+def test_lamp_prunes_exactly_the_target_and_is_for_unstructured_only(net):
+    prune(net, 0.9, scope="lamp")
+    layers = select_layers(net)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.9 * total)
+    message = r"`scope` must be 'global' or 'layer' with pattern 'channel' .*pattern 'unstructured'\), got 'lamp'"
+    with pytest.raises(CompressionConfigError, match=message):
+        compute_masks({"w": torch.randn(4, 4)}, 0.5, "channel", scope="lamp")
 
 
 def test_prune_with_nothing_selected():
