@@ -68,9 +68,10 @@ def test_structured_export_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_pruning_benchmark_smoke(tmp_path):
     args = ["--model", "cnn_tiny", "--data", "digits", "--epochs", "1", "--seeds", "1", "--targets", "0.5"]
-    args += ["--timing-rounds", "1"]
+    args += ["--timing-rounds", "1", "--arms", "ModelPruning (LTH)", "ours", "ours (LAMP)"]
     stdout = run_benchmark("pruning_vs_modelpruning.py", args, tmp_path)
-    assert "| ours |" in stdout and "| ModelPruning (LTH) |" in stdout
+    assert "| ours |" in stdout and "| ModelPruning (LTH) |" in stdout and "| ours (LAMP) |" in stdout
+    assert "| one-shot + FT |" not in stdout  # --arms: only those
     assert "Interleaved timing at target 0.5" in stdout
     saved = json.loads((tmp_path / "pruning_vs_modelpruning.json").read_text())
     assert saved["runs"][0]["0.5/ours"]["sparsity"] > 0.49

@@ -176,6 +176,7 @@ class CompressionExport(CompressionCallback):
         wanted = self.baseline == "first_epoch" or (self.baseline == "auto" and self._teacher(trainer) is None)
         if wanted and self._first_epoch is None and self._before is not None:
             self._first_epoch = float_copy(pl_module).cpu()
+
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
@@ -264,7 +265,7 @@ class CompressionExport(CompressionCallback):
         before, after = report["before"], report["after"]
         figures = {f"export/{k}": float(v) for k, v in after.items()}
         for key in ("params", "nonzero_params", "macs", "onnx_bytes", "ort_latency_ms"):
-            if before.get(key):
+            if before.get(key) and key in after:  # a checkpoint-only export has no file to time
                 figures[f"export/{key}_ratio"] = after[key] / before[key]
         if report["baseline"] and "ort_accuracy" in after:  # what the compressed model lost (or gained)
             figures["export/baseline_accuracy"] = report["baseline"]["ort_accuracy"]

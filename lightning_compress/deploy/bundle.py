@@ -139,8 +139,10 @@ def _bundle(
 
     checks: dict[str, dict[str, Any]] = {}
     figures_before, figures_after = rep.model_figures(before, example), rep.model_figures(fp32, example)
-    before_file = write_onnx(before, example, tmp / ".before.onnx", logits_fn=logits_fn)
-    _measure(before_file, batch, val if any(m is before for m in baselines.values()) else [], figures_before)
+    compared = any(f.startswith("onnx") for f in formats)  # without an ONNX file nothing is timed or scored
+    if compared:
+        before_file = write_onnx(before, example, tmp / ".before.onnx", logits_fn=logits_fn)
+        _measure(before_file, batch, val if any(m is before for m in baselines.values()) else [], figures_before)
     if "onnx" in formats:
         path = write_onnx(fp32, example, tmp / FILES["onnx"], logits_fn=logits_fn)
         if verify:
@@ -170,8 +172,8 @@ def _bundle(
     report = {
         "version": rep.REPORT_VERSION, "model": type(model).__name__, "before": figures_before,
         "after": figures_after, "files": files, "verification": checks, "structure": structure,
-        "layers": rep.layer_rows(model), "baseline": _baseline(baselines, before, figures_before, tmp, example, val,
-                                                               logits_fn),
+        "layers": rep.layer_rows(model),
+        "baseline": _baseline(baselines, before, figures_before, tmp, example, val, logits_fn) if compared else None,
     }  # fmt: skip
     rep.write(report, tmp, with_plots=plots)
     return report

@@ -119,6 +119,22 @@ def test_headline_figures_reach_the_loggers(tmp_path):
     assert float(metrics["export/ort_accuracy"]) > 0 and "export/onnx_bytes_ratio" in metrics
 
 
+def test_a_checkpoint_only_export_finishes_and_compares_no_file(tmp_path):
+    # regression: `formats=["checkpoint"]` ended the fit with KeyError 'onnx_bytes' (a ratio with no file to
+    # measure) after exporting the model as fit started for nothing
+    logger = CSVLogger(tmp_path, name="run")
+    callbacks = [MagnitudePruning(0.5, end_epoch=1), CompressionExport(tmp_path / "out", formats=["checkpoint"])]
+    fit(callbacks, max_epochs=2, logger=logger)
+    logger.save()
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["before_after.png", "layers.png", "model.ckpt", "report.json", "report.md"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["baseline"] is None and "onnx_bytes" not in report["before"] and not report["verification"]
+    metrics = logged_metrics(logger, prefix="export/")
+    assert float(metrics["export/nonzero_params_ratio"]) == pytest.approx(0.5, abs=0.05)
+    assert "export/onnx_bytes_ratio" not in metrics
+
+
 def test_wandb_gets_the_figures_the_artifact_and_the_table(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
