@@ -276,8 +276,10 @@ def store_weights_unsigned(model: onnx.ModelProto) -> int:
             if zero is None or zero.dtype != np.int8:  # never silently left int8: that file would saturate
                 raise ValueError(f"{node.name}: int8 weights {node.input[0]!r} without a constant int8 zero point")
             name = node.input[2] + "_u8"
-        else:  # no zero point: 0
-            zero, name = np.zeros((), np.int8), node.input[0] + "_zero_point_u8"
+        else:  # no zero point: 0, shaped like the scale (one per channel where the scale is)
+            scale = _constant_value(graph, node.input[1])
+            zero = np.zeros(scale.shape if scale is not None else (), np.int8)
+            name = node.input[0] + "_zero_point_u8"
         unsigned = (weights.astype(np.int16) + 128).astype(np.uint8)
         inits[node.input[0]].CopyFrom(numpy_helper.from_array(unsigned, node.input[0]))
         # a zero point of its own: one tensor may be shared with a consumer that stays signed

@@ -9,8 +9,8 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
   ``onnx_bytes``, ``ort_accuracy`` (``after``; ``before`` only when it is the baseline),
   ``ort_latency_ms`` (``before`` is the model as ``fit`` started: the sizes and latency are compared with it);
 - ``baseline``: what the accuracy is compared with, ``{source, ort_accuracy, candidates: {source: accuracy}}``
-  (the most accurate candidate; ``None`` without one): the distillation teacher, the model as fit started
-  or after its first epoch, a given model or checkpoint — never an untrained model;
+  (the most accurate candidate; ``None`` without one or without an ONNX file): the distillation teacher, the
+  model as fit started or after its first epoch, a given model or checkpoint — never an untrained model;
 - ``files``: ``{format: {path, bytes}}`` (``onnx_int8`` also ``weights``: ``int8`` or ``uint8``, and
   ``weights_reason``, see :mod:`lightning_compress.deploy.cpu`);
 - ``verification``: ``{format: {sqnr_db, relative_error, max_abs_diff, top1_agreement, decisive_flips,

@@ -136,12 +136,14 @@ def test_uint8_weights_store_the_same_steps_and_run_exactly_on_any_cpu(tmp_path,
     assert np.abs(run.run(None, {"input": batches[3].numpy()})[0] - expected).max() <= step * 1.001
 
 
-def _dequantize_graph(zero_point):
-    """One weight ``DequantizeLinear``: int8 steps [-128, -1, 0, 127], scale 0.5, the given zero point input."""
+def _dequantize_graph(zero_point, per_channel=False):
+    """One weight ``DequantizeLinear``: int8 steps [-128, -1, 0, 127], scale 0.5 (or one per element), the given
+    zero point input."""
     from onnx import TensorProto, helper
 
+    scale = np.array([0.5, 0.25, 1.0, 2.0] if per_channel else 0.5, np.float32)
     inits = [numpy_helper.from_array(np.array([-128, -1, 0, 127], np.int8), "w_int8"),
-             numpy_helper.from_array(np.array(0.5, np.float32), "w_scale")]  # fmt: skip
+             numpy_helper.from_array(scale, "w_scale")]  # fmt: skip
     inputs = ["w_int8", "w_scale"]
     nodes = []
     if zero_point is not None:
@@ -149,25 +151,27 @@ def _dequantize_graph(zero_point):
         if isinstance(zero_point, str):  # computed at run time: not a constant
             nodes.append(helper.make_node("Identity", ["z_in"], ["w_zero"]))
         else:
-            inits.append(numpy_helper.from_array(np.array(zero_point, np.int8), "w_zero"))
-    nodes.append(helper.make_node("DequantizeLinear", inputs, ["w"], name="dq"))
+            inits.append(numpy_helper.from_array(np.full(scale.shape, zero_point, np.int8), "w_zero"))
+    nodes.append(helper.make_node("DequantizeLinear", inputs, ["w"], name="dq", axis=0))
     graph_inputs = [helper.make_tensor_value_info("z_in", TensorProto.INT8, [])] if isinstance(zero_point, str) else []
     graph = helper.make_graph(nodes, "g", graph_inputs, [helper.make_tensor_value_info("w", TensorProto.FLOAT, [4])],
                               initializer=inits)  # fmt: skip
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("zero_point", [None, 0, 3])
-def test_unsigned_weights_keep_every_value_whatever_the_zero_point(zero_point):
+def test_unsigned_weights_keep_every_value_whatever_the_zero_point(zero_point, per_channel):
     from onnx.reference import ReferenceEvaluator
 
     from lightning_compress.deploy.onnx import store_weights_unsigned
 
-    model = _dequantize_graph(zero_point)
+    model = _dequantize_graph(zero_point, per_channel)
     before = ReferenceEvaluator(model).run(None, {})[0]
     assert store_weights_unsigned(model) == 1
     stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert stored["w_int8"].dtype == np.uint8
+    onnx.checker.check_model(model, full_check=True)  # the zero point has the scale's shape
     np.testing.assert_array_equal(ReferenceEvaluator(model).run(None, {})[0], before)
 
 
