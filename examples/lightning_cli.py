@@ -6,7 +6,7 @@ Run (digits, the teacher first: a plain fit whose CompressionExport writes its c
         --trainer.max_epochs=4
 
 Every callback argument is typed (``Literal`` where a choice is), so a wrong value fails when the
-config is parsed, in one line (``--config`` with ``scope: globl``: "Expected a ... 'global', 'layer'"),
+config is parsed, in one line (``--config`` with ``scope: globl``: "Expected a ... 'global', 'layer', 'lamp'"),
 before anything trains.
 """
 

@@ -134,5 +134,5 @@ def test_lightning_cli_example_runs_all_five_callbacks_and_refuses_a_bad_choice_
     bad = subprocess.run([sys.executable, str(script), "fit", "--config", str(tmp_path / "bad.yaml")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "Expected a typing.Literal['global', 'layer']. Got value: globl" in bad.stderr
+    assert "Expected a typing.Literal['global', 'layer', 'lamp']. Got value: globl" in bad.stderr
     assert not (tmp_path / "lightning_logs").exists()
