@@ -139,9 +139,10 @@ def test_lamp_scope_reaches_the_target_with_qat_and_the_export_verifies(tmp_path
 
     pruning = MagnitudePruning(final_sparsity=0.9, scope="lamp", end_epoch=1)
     export = CompressionExport(tmp_path, plots=False, val_batches=1, baseline=None)
-    fit([pruning, QuantizationAwareTraining(start_epoch=1), export], max_epochs=2)
-    assert sparsity(pruning.modules) == pytest.approx(0.9, abs=1e-3)
-    assert all(float(m.weight_mask.float().mean()) >= 0.05 for m in pruning.modules.values())  # the floor holds
+    _, module = fit([pruning, QuantizationAwareTraining(start_epoch=1), export], max_epochs=2)
+    layers = masked_modules(module)
+    assert set(layers) == set(select_layers(module)) and sparsity(layers) == pytest.approx(0.9, abs=1e-3)
+    assert all(float(m.weight_mask.float().mean()) >= 0.05 for m in layers.values())  # the floor holds
     report = json.loads((tmp_path / "report.json").read_text())
     assert all(check["passed"] for check in report["verification"].values())
 
