@@ -15,7 +15,9 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
   ``weights_reason``, see :mod:`lightning_compress.deploy.cpu`);
 - ``verification``: ``{format: {sqnr_db, relative_error, max_abs_diff, top1_agreement, decisive_flips,
   criterion, passed}}`` (int8 also ``sqnr_vs_float_db``, ``fake_quant_sqnr_vs_float_db`` and ``layers``:
-  the layer-by-layer comparison, see :mod:`lightning_compress.deploy.verify`);
+  the layer-by-layer comparison, see :mod:`lightning_compress.deploy.verify`; fp32 also
+  ``file_vs_float64_db``, ``float32_vs_float64_db``, ``float64_decisive_flips`` and ``ill_conditioned``
+  where the SQNR rule failed and the model was run in float64);
 - ``structure``: ``physical`` (channels removed), ``removed_channels``, ``reason`` (why not);
 - ``layers``: one row per Conv/Linear layer: ``name``, ``sparsity``, ``rank`` (low-rank factors),
   ``weight_bits`` (fake-quantised layers).
@@ -86,6 +88,12 @@ def markdown(report: Mapping[str, Any]) -> str:
     for fmt, check in report["verification"].items():
         if check.get("criterion"):
             lines += ["", f"`{fmt}` verified by: {check['criterion']}."]
+        if check.get("ill_conditioned"):
+            lines.append(
+                f"The model is ill-conditioned in float32: PyTorch's own float32 output is "
+                f"{check['float32_vs_float64_db']} dB SQNR from the same model in float64, the file's "
+                f"{check['file_vs_float64_db']} dB."
+            )
         if check.get("layers"):
             layers = check["layers"]
             lines.append(

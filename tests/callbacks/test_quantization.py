@@ -1,3 +1,5 @@
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -174,3 +176,26 @@ def test_attention_left_in_float_is_named_with_its_reason_and_excluded_attention
     )
     assert isinstance(module.attention, torch.nn.MultiheadAttention)  # left as the user asked
     assert not [w for w in recwarn if "in float" in str(w.message)]
+
+
+@pytest.mark.parametrize("stale", [True, False])
+def test_validation_names_activations_that_clip_at_their_training_ranges(stale, tmp_path):
+    # #14: googlenet trained 4 steps from random init answered the same for every input: every output clipped
+    # in evaluation, silently. Stale BatchNorm statistics (momentum 0, variance 1e-4) are named; an ordinary
+    # QAT fit from scratch is not: before the observer's warm-up its logits clipped in 88% of validation (the
+    # moving average at 0.99 followed logits that grew 1% a step; observed [-1.1, 0.5], evaluated [-5.7, 3.8]).
+    module = TinyModule(bn=True)
+    if stale:
+        module.net.bn1.momentum = 0.0
+        module.net.bn1.running_var.fill_(1e-4)
+    logger = CSVLogger(tmp_path, name="run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([QuantizationAwareTraining()], module=module, max_epochs=2, logger=logger)
+    said = [str(w.message) for w in caught if "clip more than" in str(w.message)]
+    worst = float(logged_metrics(logger, prefix="qat/")["qat/saturation_max"])
+    if stale:
+        assert len(said) == 1 and "conv1.output_quant'" in said[0] and "freeze_bn_epoch=0" in said[0], said
+        assert worst > 0.5
+    else:
+        assert said == [] and worst < 0.1

@@ -21,6 +21,7 @@ from lightning_compress.core.quantization.attachment import (
     link_batchnorms,
     observer_ranges,
     quantized_layers,
+    saturation,
     set_input_quantizer,
     set_output_quantizer,
     share_ranges,
@@ -28,6 +29,7 @@ from lightning_compress.core.quantization.attachment import (
     strip,
     sync_observers,
     unparametrize_weight,
+    watch_saturation,
     weight_quantizer,
 )
 from lightning_compress.core.quantization.config import OBSERVERS, QuantConfig
@@ -65,6 +67,7 @@ __all__ = [
     "observer_ranges",
     "qdq",
     "quantized_layers",
+    "saturation",
     "set_input_quantizer",
     "set_output_quantizer",
     "share_ranges",
@@ -72,6 +75,7 @@ __all__ = [
     "strip",
     "sync_observers",
     "unparametrize_weight",
+    "watch_saturation",
     "weight_qmax",
     "weight_quantizer",
     "weight_scale",

@@ -282,3 +282,30 @@ def observer_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
             quant = getattr(layer, attr)
             ranges[f"{name}.{attr}"] = (float(quant.min_val), float(quant.max_val))
     return ranges
+
+
+def watch_saturation(model: nn.Module, on: bool = True) -> None:
+    """Start (counts reset) or stop counting, in evaluation mode, the activations that clip at their
+    observed ranges (:class:`ActivationFakeQuant`'s ``watch``); read with :func:`saturation`."""
+    for module in model.modules():
+        if isinstance(module, ActivationFakeQuant):
+            module.watch = on
+            if on:
+                cast(Tensor, module.clipped).zero_()
+                cast(Tensor, module.seen).zero_()
+
+
+def saturation(model: nn.Module) -> dict[str, float]:
+    """``{"<layer>.output_quant": share}``: the share of each quantised activation's elements outside its
+    range, over the evaluation-mode calls since :func:`watch_saturation` (quantisers that saw nothing left
+    out). One device-to-host copy for the whole model."""
+    named = {
+        f"{name}.{attr}": getattr(layer, attr)
+        for name, layer in quantized_layers(model).items()
+        for attr in (INPUT_QUANT, OUTPUT_QUANT)
+    }
+    if not named:
+        return {}
+    device = cast(Tensor, next(iter(named.values())).seen).device
+    counts = torch.stack([torch.stack([q.clipped, q.seen]).to(device) for q in named.values()]).tolist()
+    return {name: clipped / seen for name, (clipped, seen) in zip(named, counts, strict=True) if seen}

@@ -25,7 +25,8 @@ class QuantConfig:
         per_channel: one weight scale per output channel (else one per tensor).
         observer: ``minmax`` (running min/max of all batches) or ``ema`` (moving average of each
             batch's min/max, Krishnamoorthi 2018).
-        ema_decay: the moving average's decay for ``ema``.
+        ema_decay: the moving average's decay for ``ema``, reached after a warm-up
+            (``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` batches).
         fold_bn: quantise Conv weights with the following BatchNorm folded in.
     """
 

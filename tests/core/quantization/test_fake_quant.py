@@ -53,12 +53,23 @@ def test_observers_include_zero_and_freeze():
     assert q.observer_ranges(net)["conv1.input_quant"][1] > before["conv1.input_quant"][1]
 
 
-def test_ema_observer_moves_part_of_the_way():
+def test_ema_observer_moves_part_of_the_way_with_a_warm_up():
     observer = q.ActivationFakeQuant(observer="ema", ema_decay=0.9).train()
     observer.enabled.fill_(True)
-    observer(torch.tensor([0.0, 1.0]))
-    observer(torch.tensor([0.0, 11.0]))
-    assert float(observer.max_val) == pytest.approx(2.0)
+    observer(torch.tensor([0.0, 1.0]))  # the first batch sets the range
+    observer(torch.tensor([0.0, 11.0]))  # the second: decay min(0.9, 2/11), 1 + (9/11) * 10
+    assert float(observer.max_val) == pytest.approx(1 + 9 / 11 * 10)
+    assert int(observer.updates) == 2
+    observer.updates.fill_(100)  # warmed up: (1 + 100) / (10 + 100) > 0.9, the decay itself
+    before = float(observer.max_val)
+    observer(torch.tensor([0.0, 0.0]))
+    assert float(observer.max_val) == pytest.approx(0.9 * before)
+
+
+def test_an_observer_from_a_checkpoint_without_an_update_count_loads_warmed_up():
+    observer = q.ActivationFakeQuant()
+    old = {k: v for k, v in q.ActivationFakeQuant().state_dict().items() if k != "updates"}
+    assert observer.load_state_dict(old) is not None and int(observer.updates) == q.fake_quant.WARMED_UP
 
 
 def test_eval_does_not_observe():
@@ -67,3 +78,21 @@ def test_eval_does_not_observe():
     net.eval()
     net(x * 100)
     assert q.observer_ranges(net) == before
+
+
+def test_evaluation_counts_values_outside_the_observed_range_only_while_watched():
+    net, x = quantised()
+    net.eval()
+    q.watch_saturation(net)
+    net(x)  # the ranges were observed on this batch: nothing clips
+    assert set(q.saturation(net).values()) == {0.0}
+    net(x * 100)  # two batches: the second far beyond the ranges
+    shares = q.saturation(net)
+    assert shares["conv1.input_quant"] > 0.4 and all(0.0 <= share <= 0.5 for share in shares.values())
+    q.watch_saturation(net, False)
+    net(x * 100)
+    assert q.saturation(net) == shares  # not counted any more
+    net.train()
+    q.watch_saturation(net)
+    net(x * 100)  # training mode observes: it does not count
+    assert set(q.saturation(net).values()) <= {0.0} and "conv1.input_quant.clipped" not in net.state_dict()
