@@ -10,7 +10,7 @@ process group runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -34,6 +34,19 @@ def check_names(name: str, value: Any) -> list[str] | None:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise config_error(name, "a module-name pattern or a list of them (e.g. ['features.*'])", value)
+
+
+def check_layer_values(name: str, value: Any, fits: Callable[[Any], bool], allowed: str) -> dict[str, Any] | None:
+    """Validate a per-layer argument (``layer_sparsity``, ``ranks``, ``layer_bits``): ``None`` or a mapping of
+    module names / ``fnmatch`` patterns to values that ``fits`` accepts; every bad entry is named."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise config_error(name, "a mapping of module names or patterns to values (e.g. {'net.fc': ...})", value)
+    for key, entry in value.items():
+        if not fits(entry):
+            raise config_error(f"{name}[{key!r}]", allowed, entry)
+    return dict(value)
 
 
 def is_number(value: Any) -> bool:

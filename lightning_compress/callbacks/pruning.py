@@ -21,6 +21,7 @@ from lightning_compress.callbacks.base import (
     CompressionCallback,
     batch_input,
     check_epoch,
+    check_layer_values,
     check_names,
     check_strategy,
     distributed,
@@ -28,11 +29,21 @@ from lightning_compress.callbacks.base import (
 )
 from lightning_compress.core import graph
 from lightning_compress.core import pruning as core
-from lightning_compress.core.layers import attention_internals, select_layers, unsupported_layers, weight_of
+from lightning_compress.core.layers import (
+    attention_internals,
+    per_layer,
+    select_layers,
+    unsupported_layers,
+    weight_of,
+)
 from lightning_compress.core.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
 DEFAULT_SPARSITY = 0.9
+LEFT_OUT = (
+    "MagnitudePruning does not prune (excluded, frozen, a shared weight's second name, the classifier of channel "
+    "pruning or a layer N:M does not fit). HINT: name them in `include` or take them out of `exclude`"
+)
 UPDATES_PER_RAMP = 16  # default: about 16 mask updates over the ramp ...
 MAX_UPDATES_PER_EPOCH = 2  # ... but at most two an epoch (each costs a few ms)
 
@@ -71,6 +82,11 @@ class MagnitudePruning(CompressionCallback):
         fold_on_fit_end: multiply the masks into the weights and drop them when ``fit`` ends (the
             model's ``state_dict`` then loads into its original class); default keeps them for
             further training and for checkpoints.
+        layer_sparsity: ``{module name or pattern: sparsity}`` for selected layers pruned to a sparsity of
+            their own, each on its own (e.g. ``{"net.fc": 0.3, "net.layer4.*": 0.8}``); the rest share
+            ``final_sparsity`` under ``scope``. They ramp on the same schedule, in proportion (half-way to
+            ``final_sparsity`` is half-way to each). Layers that share one channel mask (a residual add)
+            take one value. Not with ``N:M`` patterns, whose sparsity is fixed.
         state_key_suffix: tells two instances apart in a checkpoint.
 
     Raises:
@@ -100,6 +116,7 @@ class MagnitudePruning(CompressionCallback):
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         fold_on_fit_end: bool = False,
+        layer_sparsity: dict[str, float] | None = None,
         state_key_suffix: str = "",
     ) -> None:
         self.pattern = core.Pattern.parse(pattern)
@@ -133,6 +150,19 @@ class MagnitudePruning(CompressionCallback):
         self.include = check_names("include", include)
         self.exclude = check_names("exclude", exclude)
         self.fold_on_fit_end = fold_on_fit_end
+        self.layer_sparsity = check_layer_values(
+            "layer_sparsity", layer_sparsity, lambda v: is_number(v) and 0.0 <= v < 1.0, "a sparsity in [0, 1)"
+        )
+        if self.layer_sparsity and self.pattern.kind == "n:m":
+            raise config_error(
+                "layer_sparsity", f"None with pattern '{self.pattern}' (its sparsity is fixed at 1 - N/M)",
+                self.layer_sparsity,
+            )  # fmt: skip
+        if self.layer_sparsity and self.final_sparsity == 0:
+            raise config_error(
+                "final_sparsity", "> 0 with layer_sparsity (the layers ramp in proportion to it)", self.final_sparsity
+            )
+        self._targets: dict[str, float] = {}  # layer_sparsity resolved to the selected layers
         self._state_key_suffix = state_key_suffix
         # Run state: the schedule position is what a checkpoint keeps (the masks are model buffers).
         self.last_update_step = -1
@@ -184,6 +214,8 @@ class MagnitudePruning(CompressionCallback):
             self.last_update_step, self.current_target = -1, 0.0
         self._stage = stage
         self._modules = self._select(pl_module)
+        others = [name for name in select_layers(pl_module) if name not in self._modules]
+        self._targets = per_layer("layer_sparsity", self.layer_sparsity or {}, self._modules, left_out=(others, LEFT_OUT))
         unsupported = unsupported_layers(pl_module)
         if unsupported and stage == "fit":
             rank_zero_warn(f"MagnitudePruning leaves {unsupported} unpruned: transposed convolutions are not supported")
@@ -205,6 +237,7 @@ class MagnitudePruning(CompressionCallback):
         started, prune them at once to the current target (one global threshold over all layers)."""
         before = set(map(id, self._modules.values()))
         self._modules = self._select(pl_module)
+        self._targets = per_layer("layer_sparsity", self.layer_sparsity or {}, self._modules, strict=False)
         new = {name: m for name, m in self._modules.items() if id(m) not in before}
         if self._stage != "fit":
             self._added += [m for m in new.values() if not hasattr(m, core.WEIGHT_MASK)]
@@ -320,7 +353,9 @@ class MagnitudePruning(CompressionCallback):
         weights = {name: weight_of(m) for name, m in self._modules.items() if name not in self._entangled}
         found = {n: graph.channel_segments(self._links.get(n, []), int(w.shape[0])) for n, w in weights.items()}
         segments = {n: s for n, s in found.items() if s is not None}
-        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings, segments)
+        share = target / self.final_sparsity if self.final_sparsity else 0.0  # how far along the ramp
+        own = {name: value * share for name, value in self._targets.items() if name in weights}
+        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings, segments, own)
         if distributed():
             masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
         core.set_masks(self._modules, masks)
@@ -364,6 +399,7 @@ class MagnitudePruning(CompressionCallback):
         self._modules = {}
         self._pairs = ([], [])
         self._bns, self._bn_pairs, self._couplings, self._entangled, self._links = {}, None, [], set(), {}
+        self._targets = {}
         self.schedule = None
 
     @override

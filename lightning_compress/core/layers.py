@@ -14,13 +14,13 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
-from typing import cast
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar, cast
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_compress.errors import config_error, did_you_mean
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -148,3 +148,55 @@ def select_layers(
     if exclude:
         candidates = {n: m for n, m in candidates.items() if not matches(n, exclude)}
     return candidates
+
+
+V = TypeVar("V")
+
+
+def per_layer(
+    setting: str,
+    values: Mapping[str, V],
+    layers: Iterable[str],
+    strict: bool = True,
+    left_out: tuple[Iterable[str], str] = ((), ""),
+) -> dict[str, V]:
+    """Resolve a per-layer setting (``{pattern: value}``, e.g. ``layer_sparsity={"net.fc": 0.3}``) to the layers.
+
+    A key is a layer's qualified name or an ``fnmatch`` pattern (``"net.layer4.*"``). Every layer a key
+    matches takes its value; a layer that two keys give different values is an error, not a silent choice.
+
+    Args:
+        setting: the argument's name, for messages (``layer_sparsity``).
+        values: ``{name or pattern: value}``.
+        layers: the names of the layers the setting may reach.
+        strict: a key that matches none of ``layers`` is an error (set ``False`` where layers come and go,
+            e.g. after a module is replaced mid-fit).
+        left_out: ``(names, why)``: layers of the model the setting cannot reach and why, for the message
+            of a key that names one of them (``"MagnitudePruning leaves them out; name them in include"``).
+
+    Returns:
+        ``{layer: value}`` for the layers some key matches.
+
+    Raises:
+        CompressionConfigError: a key matches no layer (with the nearest name and the layers there are), or
+            two keys give one layer different values.
+    """
+    names = list(layers)
+    resolved: dict[str, V] = {}
+    source: dict[str, str] = {}
+    for key, value in values.items():
+        hit = [name for name in names if name == key or fnmatch.fnmatchcase(name, key)]
+        if not hit and strict:
+            outside = [name for name in left_out[0] if name == key or fnmatch.fnmatchcase(name, key)]
+            if outside:
+                raise CompressionConfigError(f"`{setting}[{key!r}]` names {outside[:6]}, which {left_out[1]}")
+            hint = did_you_mean(key, names) or f"the layers it may name are {names[:12]}"
+            raise config_error(f"{setting}[{key!r}]", "a name or pattern of a selected layer", key, hint)
+        for name in hit:
+            if name in resolved and resolved[name] != value:
+                raise CompressionConfigError(
+                    f"`{setting}` gives layer {name!r} two values: {resolved[name]!r} by {source[name]!r} and "
+                    f"{value!r} by {key!r}. HINT: make the patterns disjoint or give them the same value"
+                )
+            resolved[name], source[name] = value, key
+    return resolved

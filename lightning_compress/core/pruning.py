@@ -31,7 +31,14 @@ from lightning_compress.core.graph import (
     entangled_layers,
     find_bn_pairs,
 )
-from lightning_compress.core.layers import BN_TYPES, LAYER_TYPES, attention_projections, select_layers, weight_of
+from lightning_compress.core.layers import (
+    BN_TYPES,
+    LAYER_TYPES,
+    attention_projections,
+    per_layer,
+    select_layers,
+    weight_of,
+)
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
 SCOPES = ("global", "layer", "lamp")
@@ -146,6 +153,7 @@ def compute_masks(
     norm: str = "l1",
     couplings: Sequence[Sequence[str]] = (),
     segments: Mapping[str, Sequence[int]] | None = None,
+    layer_targets: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """Boolean keep-masks that prune ``target`` of the given weights by magnitude.
 
@@ -169,9 +177,15 @@ def compute_masks(
             feed (or are) a grouped convolution (see :func:`lightning_compress.core.graph.channel_segments`):
             every segment keeps the same number of channels, the strongest of each, so that the groups
             stay equal and the channels can be removed.
+        layer_targets: ``{name: fraction}`` for layers pruned to a sparsity of their own (each on its own,
+            by its own scores); the others share ``target`` under ``scope``. Layers coupled into one channel
+            mask must be given one value (or none).
 
     Returns:
         ``{name: bool mask}``: ``True`` keeps a weight. Channel masks have shape ``(out_channels,)``.
+
+    Raises:
+        CompressionConfigError: an argument out of range, or coupled layers given different targets.
     """
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
     if not 0.0 <= target < 1.0:
@@ -180,8 +194,12 @@ def compute_masks(
         raise config_error("scope", one_of(SCOPES), scope, did_you_mean(scope, SCOPES))
     if norm not in NORMS:
         raise config_error("norm", one_of(NORMS), norm, did_you_mean(norm, NORMS))
+    own_targets = dict(layer_targets or {})
+    for name, value in own_targets.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+            raise config_error(f"layer_targets[{name!r}]", "in [0, 1)", value)
     if pattern.kind == "n:m":
-        return {name: _nm_mask(w, pattern, target) for name, w in weights.items()}
+        return {name: _nm_mask(w, pattern, own_targets.get(name, target)) for name, w in weights.items()}
     if scope == "lamp" and pattern.kind != "unstructured":
         raise config_error("scope", f"'global' or 'layer' with pattern '{pattern}' ({LAMP_NEEDS})", scope)
     groups: list[list[str]] = []
@@ -197,12 +215,16 @@ def compute_masks(
         scores = {name: w.detach().abs().reshape(-1).float() for name, w in weights.items()}
         if scope == "lamp":
             scores = {name: lamp_scores(s) for name, s in scores.items()}
-    if scope == "layer":
-        flat_masks = {name: _keep_top(s, _kept(s.numel(), target, pattern)) for name, s in scores.items()}
+    own = _own_targets(scores, groups, own_targets)
+    shared = {name: s for name, s in scores.items() if name not in own}
+    if scope == "layer" or not shared:
+        flat_masks = {name: _keep_top(s, _kept(s.numel(), target, pattern)) for name, s in shared.items()}
     elif pattern.kind == "channel":
-        flat_masks = _global_channel_masks(scores, target)
+        flat_masks = _global_channel_masks(shared, target)
     else:
-        flat_masks = _global_masks(scores, target)
+        flat_masks = _global_masks(shared, target)
+    for name, value in own.items():
+        flat_masks[name] = _keep_top(scores[name], _kept(scores[name].numel(), value, pattern))
     if pattern.kind == "channel":
         for group in [*groups, *([n] for n in flat_masks if not any(n in g for g in groups))]:
             segment = next((segments[n] for n in group if segments and n in segments), None)
@@ -212,6 +234,26 @@ def compute_masks(
                 flat_masks[name] = flat_masks[group[0]].clone()
         return flat_masks
     return {name: flat_masks[name].reshape(w.shape) for name, w in weights.items()}
+
+
+def _own_targets(
+    scores: Mapping[str, Tensor], groups: Sequence[Sequence[str]], targets: Mapping[str, float]
+) -> dict[str, float]:
+    """The targets of the score entries (a coupled group stands under its first member) that have their own."""
+    own: dict[str, float] = {}
+    for name in scores:
+        members = next((list(g) for g in groups if g[0] == name), [name])
+        wanted = {targets.get(member) for member in members}
+        if len(wanted) > 1:
+            given = {member: targets.get(member) for member in members}
+            raise CompressionConfigError(
+                f"layers {members} share one channel mask (their outputs meet in one residual add), so they take "
+                f"one sparsity; the per-layer targets give {given}. HINT: give them all the same value"
+            )
+        value = wanted.pop()
+        if value is not None:
+            own[name] = float(value)
+    return own
 
 
 def lamp_scores(magnitudes: Tensor) -> Tensor:
@@ -438,6 +480,7 @@ def prune(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     example: Any = None,
+    layer_sparsity: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """One-shot magnitude pruning of ``model`` in place: attach masks, compute them, zero the weights.
 
@@ -454,6 +497,8 @@ def prune(
             (layers feeding one residual add share a mask, grouped convolutions keep equal groups, the
             BatchNorms the channels reach are masked too, layers whose channels a LayerNorm or attention
             mixes are left alone).
+        layer_sparsity: ``{name or pattern: fraction}`` for selected layers pruned to a sparsity of their
+            own (see :func:`lightning_compress.core.layers.per_layer`); the rest share ``target``.
 
     Returns:
         The masks, ``{module name: bool mask}``.
@@ -483,7 +528,8 @@ def prune(
                 segments[name] = segment
     attach_masks(modules, with_bias=parsed.kind == "channel")
     weights = {n: weight_of(m) for n, m in modules.items()}
-    masks = compute_masks(weights, target, parsed, scope, norm, couplings, segments)
+    targets = per_layer("layer_sparsity", layer_sparsity or {}, modules)
+    masks = compute_masks(weights, target, parsed, scope, norm, couplings, segments, targets)
     set_masks(modules, masks)
     if parsed.kind == "channel" and example is not None:
         bns = {n: m for n, m in model.named_modules() if isinstance(m, BN_TYPES) and m.affine}

@@ -51,6 +51,10 @@ class StepProbe(pl.Callback):
         ({"include": 3}, r"`include` must be a module-name pattern or a list of them .* got 3"),
         ({"exclude": ["a", 1]}, r"`exclude` must be a module-name pattern or a list of them .* got \['a', 1\]"),
         ({"fold_on_fit_end": "yes"}, "`fold_on_fit_end` must be True or False, got 'yes'"),
+        ({"layer_sparsity": ["net.fc1"]}, "`layer_sparsity` must be a mapping of module names or patterns"),
+        ({"layer_sparsity": {"net.fc1": 1.0}}, r"`layer_sparsity\['net.fc1'\]` must be a sparsity in \[0, 1\), got 1.0"),
+        ({"layer_sparsity": {"net.fc1": 0.5}, "pattern": "2:4"}, "`layer_sparsity` must be None with pattern '2:4'"),
+        ({"layer_sparsity": {"net.fc1": 0.5}, "final_sparsity": 0.0}, "`final_sparsity` must be > 0 with layer_sp"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, message):
@@ -427,3 +431,34 @@ def test_an_untraceable_model_is_pruned_layer_by_layer_and_says_why():
     with pytest.warns(UserWarning, match="on its own .* could not trace the model: RuntimeError: the model slices"):
         _, module = fit([pruning], module=SlicingModule(), max_epochs=2)
     assert int((~module.conv.weight_mask.flatten(1).any(1)).sum()) == 4
+
+
+def test_layer_sparsity_ramps_named_layers_to_their_own_targets():
+    pruning = MagnitudePruning(0.5, end_epoch=2, update_frequency=4, layer_sparsity={"net.fc1": 0.9, "net.conv*": 0.2})
+    probe = StepProbe(pruning)
+    _, module = fit([pruning, probe], max_epochs=3)
+    measured = {name: float((m.weight == 0).float().mean()) for name, m in select_layers(module).items()}
+    assert measured["net.fc1"] == pytest.approx(0.9, abs=1e-3)
+    assert measured["net.conv1"] == pytest.approx(0.2, abs=0.02) and measured["net.conv2"] == pytest.approx(0.2, abs=0.01)
+    assert measured["net.fc2"] == pytest.approx(0.5, abs=0.02)  # the rest share final_sparsity
+    assert probe.violations == 0
+
+
+def test_layer_sparsity_half_way_along_the_ramp_is_half_way_for_each_layer():
+    pruning = MagnitudePruning(0.8, end_epoch=2, schedule="linear", update_frequency=8, layer_sparsity={"net.fc1": 0.4})
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[trainer.current_epoch] = (pruning.current_target, float((pl_module.net.fc1.weight == 0).float().mean()))
+
+    fit([pruning, Probe()], max_epochs=3)
+    target, fc1 = seen[1]  # the update at step 8 of 16
+    assert 0 < target < 0.8 and fc1 == pytest.approx(0.4 * target / 0.8, abs=1e-3)
+
+
+def test_layer_sparsity_naming_no_selected_layer_fails_at_setup_with_the_choices():
+    with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['net.fc3'\]` .*did you mean 'net.fc"):
+        fit([MagnitudePruning(0.5, layer_sparsity={"net.fc3": 0.5})], max_epochs=1)
+    with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['net.fc2'\]` names \['net.fc2'\], which Magn.*include"):
+        fit([MagnitudePruning(0.5, pattern="channel", layer_sparsity={"net.fc2": 0.5})], max_epochs=1)  # the classifier

@@ -41,3 +41,30 @@ def test_old_module_paths_still_import_with_a_deprecation_warning(old, name):
     with pytest.warns(DeprecationWarning, match=f"lightning_compress.{old} moved"):
         module = importlib.import_module(f"lightning_compress.{old}")
     assert callable(getattr(module, name))
+
+
+LAYERS = ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
+
+
+def test_per_layer_resolves_names_and_patterns():
+    from lightning_compress.core.layers import per_layer
+
+    assert per_layer("ranks", {"net.fc1": 4, "net.conv*": 2}, LAYERS) == {"net.fc1": 4, "net.conv1": 2, "net.conv2": 2}
+    assert per_layer("ranks", {"net.fc*": 3, "net.fc2": 3}, LAYERS) == {"net.fc1": 3, "net.fc2": 3}  # agreeing
+
+
+def test_per_layer_names_an_unknown_key_the_nearest_layer_and_the_choices():
+    from lightning_compress.core.layers import per_layer
+
+    with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['net.fc3'\]` must be .*did you mean 'net.fc"):
+        per_layer("layer_sparsity", {"net.fc3": 0.5}, LAYERS)
+    with pytest.raises(CompressionConfigError, match=r"the layers it may name are \['net.conv1'"):
+        per_layer("layer_sparsity", {"head.*": 0.5}, LAYERS)
+    assert per_layer("layer_sparsity", {"head.*": 0.5}, LAYERS, strict=False) == {}
+
+
+def test_per_layer_refuses_two_values_for_one_layer():
+    from lightning_compress.core.layers import per_layer
+
+    with pytest.raises(CompressionConfigError, match=r"gives layer 'net.fc2' two values: 8 by 'net.fc\*' and 4 by"):
+        per_layer("layer_bits", {"net.fc*": 8, "net.fc2": 4}, LAYERS)

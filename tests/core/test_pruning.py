@@ -245,3 +245,36 @@ def test_channel_segments_keep_the_same_number_in_every_group():
     assert uneven[:8].sum() != uneven[8:].sum()
     kept = masks["a"][:8].nonzero().flatten()  # the strongest of each group
     assert torch.equal(kept, weight[:8].abs().sum(1).topk(4).indices.sort().values)
+
+
+def test_layer_targets_prune_named_layers_to_their_own_sparsity_and_the_rest_to_the_target(net):
+    weights = {name: m.weight for name, m in select_layers(net).items()}
+    masks = compute_masks(weights, 0.5, layer_targets={"fc1": 0.9, "conv1": 0.0})
+    pruned = {name: 1 - float(mask.float().mean()) for name, mask in masks.items()}
+    assert pruned["fc1"] == pytest.approx(0.9, abs=1 / weights["fc1"].numel())
+    assert pruned["conv1"] == 0.0
+    rest = [name for name in weights if name not in ("fc1", "conv1")]
+    kept = sum(int(masks[n].sum()) for n in rest)
+    assert kept == sum(weights[n].numel() for n in rest) - round(0.5 * sum(weights[n].numel() for n in rest))
+    channels = compute_masks(weights, 0.5, "channel", layer_targets={"conv2": 0.25})
+    assert int(channels["conv2"].sum()) == 6  # 8 channels, a quarter pruned
+
+
+def test_coupled_layers_must_share_their_layer_target():
+    weights = {"a": torch.randn(8, 4), "b": torch.randn(8, 4), "c": torch.randn(8, 4)}
+    masks = compute_masks(weights, 0.5, "channel", couplings=[["a", "b"]], layer_targets={"a": 0.25, "b": 0.25})
+    assert torch.equal(masks["a"], masks["b"]) and int(masks["a"].sum()) == 6
+    with pytest.raises(CompressionConfigError, match=r"layers \['a', 'b'\] share one channel mask .* \{'a': 0.25, 'b'"):
+        compute_masks(weights, 0.5, "channel", couplings=[["a", "b"]], layer_targets={"a": 0.25})
+
+
+def test_layer_targets_out_of_range_are_named():
+    with pytest.raises(CompressionConfigError, match=r"`layer_targets\['a'\]` must be in \[0, 1\), got 1.5"):
+        compute_masks({"a": torch.randn(4, 4)}, 0.5, layer_targets={"a": 1.5})
+
+
+def test_one_shot_prune_takes_per_layer_sparsities_by_pattern(net):
+    prune(net, 0.5, layer_sparsity={"fc*": 0.8})
+    assert layer_sparsity({"fc1": net.fc1, "fc2": net.fc2}) == pytest.approx({"fc1": 0.8, "fc2": 0.8}, abs=0.02)
+    with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['fc3'\]`.*did you mean"):
+        prune(TinyNet(), 0.5, layer_sparsity={"fc3": 0.8})
