@@ -215,7 +215,9 @@ class MagnitudePruning(CompressionCallback):
         self._stage = stage
         self._modules = self._select(pl_module)
         others = [name for name in select_layers(pl_module) if name not in self._modules]
-        self._targets = per_layer("layer_sparsity", self.layer_sparsity or {}, self._modules, left_out=(others, LEFT_OUT))
+        self._targets = per_layer(
+            "layer_sparsity", self.layer_sparsity or {}, self._modules, left_out=(others, LEFT_OUT)
+        )
         unsupported = unsupported_layers(pl_module)
         if unsupported and stage == "fit":
             rank_zero_warn(f"MagnitudePruning leaves {unsupported} unpruned: transposed convolutions are not supported")
