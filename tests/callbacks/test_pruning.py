@@ -462,5 +462,5 @@ def test_layer_sparsity_half_way_along_the_ramp_is_half_way_for_each_layer():
 def test_layer_sparsity_naming_no_selected_layer_fails_at_setup_with_the_choices():
     with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['net.fc3'\]` .*did you mean 'net.fc"):
         fit([MagnitudePruning(0.5, layer_sparsity={"net.fc3": 0.5})], max_epochs=1)
-    with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['net.fc2'\]` names \['net.fc2'\], which .*incl"):
+    with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['net.fc2'\]` names \['net.fc2'\], which"):
         fit([MagnitudePruning(0.5, pattern="channel", layer_sparsity={"net.fc2": 0.5})], max_epochs=1)  # the classifier
