@@ -17,10 +17,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_compress.callbacks.base import CompressionCallback, batch_input, check_names, check_strategy
+from lightning_compress.callbacks.base import (
+    CompressionCallback,
+    batch_input,
+    check_layer_values,
+    check_names,
+    check_strategy,
+)
 from lightning_compress.callbacks.replace import notify, replace_modules
 from lightning_compress.core import low_rank as core
-from lightning_compress.core.layers import matches, select_layers
+from lightning_compress.core.layers import matches, per_layer, select_layers
 from lightning_compress.errors import CompressionConfigError, config_error
 
 DEFAULT_RATIO = 0.5
@@ -50,6 +56,10 @@ class LowRankFactorization(CompressionCallback):
         include: module-name patterns to factorise; default every Linear and Conv2d.
         exclude: module-name patterns to leave alone.
         conv_method: ``svd`` (spatial SVD) or ``tucker2``.
+        ranks: ``{module name or pattern: rank}`` for layers with a rank of their own (e.g. ``{"net.fc": 8}``);
+            the others follow ``rank`` / ``ratio`` / ``energy``. A layer named here is factorised even where
+            the default leaves it alone (the classifier, a small fan-in); one that cannot be is an error at
+            setup, naming it and why.
         state_key_suffix: tells two instances apart in a checkpoint.
 
     Raises:
@@ -72,6 +82,7 @@ class LowRankFactorization(CompressionCallback):
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         conv_method: Literal["svd", "tucker2"] = "svd",
+        ranks: dict[str, int] | None = None,
         state_key_suffix: str = "",
     ) -> None:
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -84,6 +95,9 @@ class LowRankFactorization(CompressionCallback):
         self.conv_method = conv_method
         self.include = check_names("include", include)
         self.exclude = check_names("exclude", exclude)
+        self.ranks = check_layer_values(
+            "ranks", ranks, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"
+        )
         self._state_key_suffix = state_key_suffix
         self.factorized: dict[str, dict[str, Any]] = {}  # what a checkpoint keeps: {layer: kind, ranks, params}
         self.skipped: dict[str, str] = {}
@@ -121,6 +135,7 @@ class LowRankFactorization(CompressionCallback):
                 f"LowRankFactorization selected no Linear/Conv2d layer of {type(pl_module).__name__} "
                 f"(include={self.include}, exclude={self.exclude})"
             )
+        core.check_ranks(pl_module, per_layer("ranks", self.ranks or {}, [*layers, *exposable]))
         smallest = {name: core.smallest_dimension(m) for name, m in layers.items()}
         if self.rank is not None and all(d <= self.rank for d in smallest.values()):
             raise config_error("rank", f"below the smallest dimension of a selected layer {smallest}", self.rank)
@@ -154,7 +169,7 @@ class LowRankFactorization(CompressionCallback):
             )
         chosen, self.skipped = core.plan(
             pl_module, self.rank, self.ratio, self.energy, self.conv_method, self.include, self.exclude,
-            example=example if isinstance(example, Tensor) else None,
+            example=example if isinstance(example, Tensor) else None, ranks=self.ranks,
         )
         self._example = None
         replace_modules(trainer, pl_module, {name: new for name, (new, _) in chosen.items()})

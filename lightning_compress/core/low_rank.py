@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 from lightning_compress.core.attention import ProjectedAttention, expose_attention, exposed_names
 from lightning_compress.core.graph import analyze
-from lightning_compress.core.layers import LAYER_TYPES, attention_internals, select_layers, shared_weights, weight_of
+from lightning_compress.core.layers import (
+    LAYER_TYPES,
+    attention_internals,
+    per_layer,
+    select_layers,
+    shared_weights,
+    weight_of,
+)
 from lightning_compress.core.surgery import swap_modules
 from lightning_compress.errors import CompressionConfigError, config_error, one_of
 
@@ -283,8 +290,14 @@ def plan(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     example: Any = None,
+    ranks: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, tuple[LowRank, Factorization]], dict[str, str]]:
     """Factorise every selected layer of ``model`` that can be and that saves parameters.
+
+    ``ranks`` (``{layer name or pattern: rank}``, see :func:`lightning_compress.core.layers.per_layer`) gives
+    layers a rank of their own, in place of the rule; a layer named there is factorised even where the
+    default selection leaves it alone (the classifier, a small fan-in), and one that cannot be (attention's
+    own ``out_proj``, a shared or frozen weight, a grouped conv, a rank too high, no saving) is an error.
 
     With an ``example`` input, layers the forward pass never calls (their weight is read directly, as
     torchvision's Swin attention does) are left alone too: a factorised module has no ``weight``.
@@ -296,7 +309,8 @@ def plan(
         ``({name: (new module, factorization)}, {name: why it was left alone})``.
 
     Raises:
-        CompressionConfigError: bad settings, or no Linear/Conv2d layer selected.
+        CompressionConfigError: bad settings, no Linear/Conv2d layer selected, or a ``ranks`` entry that names
+            no selected layer or one that cannot take it.
     """
     check_settings(rank, ratio, energy, conv_method)
     layers = {n: m for n, m in select_layers(model, include, exclude).items() if not isinstance(m, LowRank)}
@@ -313,10 +327,15 @@ def plan(
     if example is not None:
         called = analyze(model, example).called
         guards.update({n: "its weight is read without calling it" for n in layers if n not in called})
+    fixed = per_layer("ranks", ranks or {}, layers)
+    for name, value in fixed.items():
+        chosen[name] = _fixed_rank(name, layers[name], value, guards.get(name), conv_method)
     if include is None:
         guards = {**default_skips(model), **guards}
     tried = 0
     for name, layer in layers.items():
+        if name in fixed:
+            continue
         reason = guards.get(name) or skip_reason(layer)
         tried += reason is None
         if reason is None:
@@ -333,7 +352,50 @@ def plan(
         skipped[name] = reason
     if not chosen and too_high and len(too_high) == tried:
         raise CompressionConfigError(f"{too_high[0]} (and every other selected layer)")
-    return chosen, skipped
+    return {name: chosen[name] for name in layers if name in chosen}, skipped
+
+
+def check_ranks(model: nn.Module, ranks: Mapping[str, int]) -> None:
+    """Fail early (before training) on a per-layer rank its layer cannot take: a layer that cannot be
+    factorised (why is named) or a rank not below its smallest dimension. ``ranks`` holds layer names.
+
+    Raises:
+        CompressionConfigError: naming ``ranks['layer']`` and the reason.
+    """
+    modules = dict(model.named_modules())
+    guards = {**attention_internals(model), **shared_weights(model)}
+    for name, rank in ranks.items():
+        layer = modules.get(name)
+        if layer is None:  # created later (an attention's exposed projection)
+            continue
+        reason = guards.get(name) or skip_reason(layer)
+        if reason is not None:
+            raise CompressionConfigError(f"`ranks[{name!r}]`: {name!r} cannot be factorised: {reason}")
+        if rank >= smallest_dimension(layer) > 1:
+            shape = tuple(weight_of(layer).shape)
+            raise config_error(f"ranks[{name!r}]", f"< {smallest_dimension(layer)} for {name!r} {shape}", rank)
+
+
+def _fixed_rank(
+    name: str, layer: nn.Module, rank: int, guard: str | None, conv_method: str
+) -> tuple[LowRank, Factorization]:
+    """``layer`` factorised at the rank ``ranks`` gives it, or the error that says why it cannot be."""
+    setting = f"ranks[{name!r}]"
+    reason = guard or skip_reason(layer)
+    if reason is not None:
+        raise CompressionConfigError(f"`{setting}`: {name!r} cannot be factorised: {reason}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise config_error(setting, "an integer >= 1", rank)
+    try:
+        new, result = factorize(layer, rank=rank, conv_method=conv_method)
+    except CompressionConfigError as error:
+        why = str(error).strip("`").replace("rank` ", "the rank ", 1)
+        raise CompressionConfigError(f"`{setting}`: {why}") from None
+    if result.params_after >= result.params_before:
+        raise config_error(
+            setting, f"a rank that saves parameters ({result.params_after} >= {result.params_before} at {rank})", rank
+        )
+    return new, result
 
 
 def attention_to_expose(

@@ -57,6 +57,8 @@ class OptimizerProbe(pl.Callback):
         ({"rank": 2, "energy": 0.9}, "`rank/ratio/energy` must be exactly one of them set"),
         ({"conv_method": "tucker"}, "`conv_method` must be one of 'svd', 'tucker2', got 'tucker'"),
         ({"include": 5}, "`include` must be a module-name pattern or a list of them"),
+        ({"ranks": {"net.fc1": 2.5}}, r"`ranks\['net.fc1'\]` must be an integer >= 1, got 2.5"),
+        ({"ranks": [2]}, "`ranks` must be a mapping of module names or patterns"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, message):
@@ -69,6 +71,22 @@ def test_impossible_settings_fail_before_training():
         fit([LowRankFactorization(rank=16, include=["net.fc*"])], max_epochs=1)  # fc1: 16, fc2: 4
     with pytest.raises(CompressionConfigError, match="selected no Linear/Conv2d layer of TinyModule"):
         fit([LowRankFactorization(exclude=["*"])], max_epochs=1)
+    with pytest.raises(CompressionConfigError, match=r"`ranks\['net.fc2'\]` must be < 4 for 'net.fc2'"):
+        fit([LowRankFactorization(epoch=1, ranks={"net.fc2": 4})], max_epochs=2)  # at setup, not at epoch 1
+    with pytest.raises(CompressionConfigError, match=r"`ranks\['net.fc3'\]` .*did you mean 'net.fc"):
+        fit([LowRankFactorization(epoch=1, ranks={"net.fc3": 2})], max_epochs=2)
+
+
+def test_per_layer_ranks_factorise_the_named_layers_at_their_ranks(tmp_path):
+    from lightning_compress import CompressionExport
+
+    low_rank = LowRankFactorization(epoch=1, ranks={"net.fc2": 2, "net.fc1": 4})
+    export = CompressionExport(tmp_path, plots=False, val_batches=1, baseline=None)
+    _, module = fit([low_rank, export], max_epochs=2)
+    assert low_rank.factorized["net.fc2"]["ranks"] == [2] and low_rank.factorized["net.fc1"]["ranks"] == [4]
+    assert [tuple(m.weight.shape) for m in module.net.fc2] == [(2, 16), (4, 2)]
+    fresh = restore(TinyModule(), tmp_path / "model.ckpt")
+    assert [tuple(m.weight.shape) for m in fresh.net.fc1] == [(4, 128), (16, 4)]
 
 
 # -- the factorisation mid-fit --------------------------------------------------------------------------

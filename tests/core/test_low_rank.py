@@ -156,3 +156,39 @@ def test_defaults_never_wreck_a_model():
     assert rank_for(nn.Linear(16, 4), ratio=0.5) == (4,)  # the floor, not rank 1 (which would save parameters)
     named, _ = plan(model, ratio=0.5, include=["head", "stem"])  # named layers are factorised, never below rank 4
     assert "head" not in named and named["stem"][1].ranks == (7,)  # the head's floor rank (4) saves nothing
+
+
+def test_per_layer_ranks_override_the_rule_and_the_default_skips():
+    net = TinyNet()
+    chosen, skipped = plan(net, ratio=0.5, ranks={"fc2": 2, "conv*": 3})
+    assert chosen["fc2"][1].ranks == (2,) and chosen["conv1"][1].ranks == (3,) and chosen["conv2"][1].ranks == (3,)
+    assert "fc2" not in skipped and "conv1" not in skipped  # the classifier and the small fan-in, named
+    assert chosen["fc1"][1].ranks == rank_for(net.fc1, ratio=0.5)  # the rule for the rest
+    assert list(chosen) == ["conv1", "conv2", "fc1", "fc2"]  # in the model's order
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        ({"fc9": 2}, r"`ranks\['fc9'\]` must be a name or pattern of a selected layer.*did you mean"),
+        ({"fc2": 4}, r"`ranks\['fc2'\]`: the rank must be < 4 for Linear \(4, 16\), got 4"),
+        ({"fc2": 0}, r"`ranks\['fc2'\]` must be an integer >= 1, got 0"),
+        ({"fc1": 15}, r"`ranks\['fc1'\]` must be a rank that saves parameters \(2176 >= 2064 at 15\)"),
+    ],
+)
+def test_per_layer_rank_errors_name_the_layer(ranks, message):
+    with pytest.raises(CompressionConfigError, match=message):
+        plan(TinyNet(), ratio=0.5, ranks=ranks)
+
+
+def test_a_named_layer_that_cannot_be_factorised_is_an_error_not_a_skip():
+    from lightning_compress.core.low_rank import check_ranks
+
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 64, 3), nn.Flatten(), nn.Linear(64, 64))
+    with pytest.raises(CompressionConfigError, match=r"`ranks\['0'\]`: '0' cannot be factorised: grouped or dep"):
+        plan(model, ratio=0.5, ranks={"0": 2})
+    model[3].weight.requires_grad_(False)
+    with pytest.raises(CompressionConfigError, match=r"`ranks\['3'\]`: '3' cannot be factorised: frozen"):
+        check_ranks(model, {"3": 8})
+    with pytest.raises(CompressionConfigError, match=r"`ranks\['1'\]` must be < 64 for '1' \(64, 8, 3, 3\), got 64"):
+        check_ranks(model, {"1": 64})
