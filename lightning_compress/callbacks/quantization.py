@@ -18,6 +18,7 @@ from lightning_compress.callbacks.base import (
     CompressionCallback,
     batch_input,
     check_epoch,
+    check_layer_values,
     check_names,
     check_strategy,
 )
@@ -28,12 +29,18 @@ from lightning_compress.core.graph import find_bn_pairs
 from lightning_compress.core.layers import (
     ATTENTION_IN_FLOAT,
     attention_internals,
+    per_layer,
+    select_layers,
     unsupported_layers,
 )
 from lightning_compress.core.surgery import swap_modules
 from lightning_compress.deploy.restore import QUANTIZATION_KIND
-from lightning_compress.errors import config_error
+from lightning_compress.errors import CompressionConfigError, config_error
 
+LEFT_IN_FLOAT = (
+    "QuantizationAwareTraining leaves in float (excluded, or inside an nn.MultiheadAttention it cannot expose). "
+    "HINT: name them in `include` or take them out of `exclude`"
+)
 SATURATION_WARN = 0.25  # a quantised activation with more of its evaluation values outside its range is named
 # (an observed range clips 0-5% of a validation batch; small CNNs two epochs into QAT from scratch 13-18% of
 # their logits, whose largest values grow; googlenet four steps from random init 100%)
@@ -66,6 +73,10 @@ class QuantizationAwareTraining(CompressionCallback):
         fold_bn: fold Conv→BatchNorm pairs into the quantised weights.
         include: module-name patterns to quantise; default every Conv and Linear layer.
         exclude: module-name patterns to keep in float.
+        layer_bits: ``{module name or pattern: weight bits}`` for layers with a bit-width of their own (mixed
+            precision, e.g. ``{"net.features.0.*": 8, "net.classifier.*": 4}``); the rest take ``weight_bits``.
+            A layer that is factorised later passes its bits on to its factors. Weights are stored as int8
+            in the exported file whatever their width (4-bit packing is not there yet).
         state_key_suffix: tells two instances apart in a checkpoint.
 
     Raises:
@@ -93,6 +104,7 @@ class QuantizationAwareTraining(CompressionCallback):
         fold_bn: bool = True,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
+        layer_bits: dict[str, int] | None = None,
         state_key_suffix: str = "",
     ) -> None:
         self.config = core.QuantConfig(weight_bits, activation_bits, per_channel, observer, fold_bn=fold_bn)
@@ -104,6 +116,8 @@ class QuantizationAwareTraining(CompressionCallback):
                 raise config_error(name, f">= start_epoch ({start_epoch}) or None", value)
         self.include = check_names("include", include)
         self.exclude = check_names("exclude", exclude)
+        self.layer_bits = check_layer_values("layer_bits", layer_bits, _fits_bits, "an integer from 2 to 8")
+        self._bits: dict[str, int] = {}  # layer_bits resolved to the quantised layers (what a checkpoint keeps)
         self._state_key_suffix = state_key_suffix
         self._linked = False
         self._folded_bns: list[nn.Module] = []
@@ -138,7 +152,10 @@ class QuantizationAwareTraining(CompressionCallback):
                 f"QuantizationAwareTraining exposes the projections of {sorted(exposed)} to quantise them "
                 "(nn.MultiheadAttention -> ProjectedAttention: the same function, in_proj / out_proj as layers)"
             )
-        core.attach(pl_module, self.config, self.include, self.exclude)
+        layers = core.attach(pl_module, self.config, self.include, self.exclude)
+        others = [name for name in select_layers(pl_module) if name not in layers]
+        self._bits = per_layer("layer_bits", self.layer_bits or {}, layers, left_out=(others, LEFT_IN_FLOAT))
+        core.set_weight_bits(pl_module, self._bits)
         self._linked = False
         self._folded_bns = []
         if stage == "fit":
@@ -152,8 +169,16 @@ class QuantizationAwareTraining(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
     ) -> None:
         """Modules were replaced mid-fit: fake-quantise the new layers (in the
-        run's current phase) and find BatchNorm pairs and shared ranges again on the next batch."""
-        core.attach(pl_module, self.config, self.include, self.exclude)
+        run's current phase) and find BatchNorm pairs and shared ranges again on the next batch. A replaced
+        layer's own bit-width passes to the layers that replace it (its factors), unless ``layer_bits`` names them."""
+        layers = core.attach(pl_module, self.config, self.include, self.exclude)
+        inherited = {
+            name: self._bits[old] for old in replaced if old in self._bits for name in layers
+            if name.startswith(f"{old}.")
+        }  # fmt: skip
+        named = per_layer("layer_bits", self.layer_bits or {}, layers, strict=False)
+        self._bits = {name: bits for name, bits in {**self._bits, **inherited, **named}.items() if name in layers}
+        core.set_weight_bits(pl_module, self._bits)
         core.enable(pl_module, self._now["enabled"])
         core.freeze_observers(pl_module, self._now["observers_frozen"])
         self._linked = False
@@ -271,6 +296,7 @@ class QuantizationAwareTraining(CompressionCallback):
             "config": self.config.to_dict(),
             "start_epoch": self.start_epoch,
             "bn_pairs": dict(self.bn_pairs),
+            "layer_bits": dict(self._bits),
         }
 
     @override
@@ -280,6 +306,14 @@ class QuantizationAwareTraining(CompressionCallback):
             rank_zero_info(
                 "QuantizationAwareTraining: the checkpoint was written with other settings; using the new ones"
             )
+
+
+def _fits_bits(value: Any) -> bool:
+    try:
+        core.check_weight_bits("layer_bits", value)
+    except CompressionConfigError:
+        return False
+    return True
 
 
 def _epoch(name: str, value: Any, optional: bool = True) -> int | None:

@@ -1,8 +1,9 @@
 """``restore``: rebuild a compressed model from a plain checkpoint, in a fresh process.
 
 No Lightning and no pickled modules: the structure is read off the state dict's keys and shapes
-(factorised layers, pruning masks, fake quantisation), the quantisation settings and BatchNorm pairs
-off the callback state whose ``"kind"`` is ``"quantization"`` when the file is a Lightning checkpoint.
+(factorised layers, pruning masks, fake quantisation), the quantisation settings, per-layer weight bits
+and BatchNorm pairs off the callback state whose ``"kind"`` is ``"quantization"`` when the file is a
+Lightning checkpoint.
 
 Example::
 
@@ -161,5 +162,6 @@ def rebuild_structure(
         qat = callback_state(loaded, QUANTIZATION_KIND)
         config = quant_config or quantization.QuantConfig.from_dict(qat.get("config") or {})
         quantization.attach(model, config, include=quantized)
+        quantization.set_weight_bits(model, dict(qat.get("layer_bits", {})))  # mixed precision, per layer
         quantization.link_batchnorms(model, dict(qat.get("bn_pairs", {})))
     return state

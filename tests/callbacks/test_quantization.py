@@ -44,6 +44,8 @@ class PhaseProbe(pl.Callback):
         ({"activation_bits": 16}, "`activation_bits` must be 8"),
         ({"observer": "histogram"}, "`observer` must be one of 'minmax', 'ema', got 'histogram'"),
         ({"include": [1]}, r"`include` must be a module-name pattern or a list of them .* got \[1\]"),
+        ({"layer_bits": {"net.fc2": 16}}, r"`layer_bits\['net.fc2'\]` must be an integer from 2 to 8, got 16"),
+        ({"layer_bits": {"net.fc2": True}}, r"`layer_bits\['net.fc2'\]` must be an integer from 2 to 8, got True"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, message):
@@ -199,3 +201,38 @@ def test_validation_names_activations_that_clip_at_their_training_ranges(stale, 
         assert worst > 0.5
     else:
         assert said == [] and worst < 0.1
+
+
+def test_layer_bits_give_mixed_precision_that_exports_verifies_and_restores(tmp_path):
+    import json
+
+    from lightning_compress import CompressionExport, restore
+
+    qat = QuantizationAwareTraining(start_epoch=1, layer_bits={"net.fc*": 4, "net.conv1": 6})
+    export = CompressionExport(tmp_path, plots=False, val_batches=1, baseline=None)
+    _, module = fit([qat, export], max_epochs=2)
+    assert q.weight_bits(module) == {"net.conv1": 6, "net.conv2": 8, "net.fc1": 4, "net.fc2": 4}
+    with torch.no_grad():
+        grid = module.net.fc1.weight  # fake-quantised: at most 15 levels (-7..7) per output channel
+    assert max(len(torch.unique(row)) for row in grid) <= 15
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values()), report["verification"]
+    bits = {row["name"]: row["weight_bits"] for row in report["layers"]}
+    assert bits["net.fc1"] == 4 and bits["net.conv1"] == 6 and bits["net.conv2"] == 8
+    fresh = restore(TinyModule(), tmp_path / "model.ckpt")
+    assert q.weight_bits(fresh) == q.weight_bits(module)
+
+
+def test_layer_bits_pass_to_the_factors_of_a_factorised_layer():
+    from lightning_compress import LowRankFactorization
+
+    qat = QuantizationAwareTraining(layer_bits={"net.fc1": 4})
+    _, module = fit([LowRankFactorization(epoch=1, include=["net.fc1"]), qat], max_epochs=2)
+    assert q.weight_bits(module) == {"net.conv1": 8, "net.conv2": 8, "net.fc1.0": 4, "net.fc1.1": 4, "net.fc2": 8}
+
+
+def test_layer_bits_naming_no_quantised_layer_fail_at_setup():
+    with pytest.raises(CompressionConfigError, match=r"`layer_bits\['net.fc3'\]` .*did you mean 'net.fc"):
+        fit([QuantizationAwareTraining(layer_bits={"net.fc3": 4})], max_epochs=1)
+    with pytest.raises(CompressionConfigError, match=r"`layer_bits\['net.fc2'\]` names \['net.fc2'\], which Quant"):
+        fit([QuantizationAwareTraining(exclude=["net.fc2"], layer_bits={"net.fc2": 4})], max_epochs=1)

@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from lightning_compress.core.graph import analyze
 from lightning_compress.core.layers import attention_internals, select_layers
-from lightning_compress.core.quantization.config import QuantConfig
+from lightning_compress.core.quantization.config import QuantConfig, check_weight_bits
 from lightning_compress.core.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_compress.errors import CompressionConfigError
 
@@ -192,6 +192,28 @@ def weight_quantizer(layer: nn.Module) -> WeightFakeQuant:
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every layer of ``model`` with fake quantisation attached."""
     return {name: m for name, m in model.named_modules() if is_attached(m)}
+
+
+def set_weight_bits(model: nn.Module, bits: Mapping[str, int]) -> None:
+    """Give the named fake-quantised layers weight bit-widths of their own (mixed precision), in place.
+
+    Args:
+        bits: ``{layer name: bits}``, 2-8 each; layers of ``model`` that are not (or no longer) quantised
+            are skipped.
+
+    Raises:
+        CompressionConfigError: a bit-width out of range, naming the layer.
+    """
+    layers = quantized_layers(model)
+    for name, value in bits.items():
+        check_weight_bits(f"layer_bits[{name!r}]", value)
+        if name in layers:
+            weight_quantizer(layers[name]).bits = int(value)
+
+
+def weight_bits(model: nn.Module) -> dict[str, int]:
+    """``{layer name: weight bits}`` of every fake-quantised layer of ``model``."""
+    return {name: int(weight_quantizer(layer).bits) for name, layer in quantized_layers(model).items()}
 
 
 def _layer_quantizers(layer: nn.Module) -> Iterator[nn.Module]:

@@ -14,6 +14,16 @@ from lightning_compress.errors import config_error, did_you_mean, one_of
 OBSERVERS = ("minmax", "ema")
 
 
+WEIGHT_BITS = (2, 8)  # the widths fake quantisation supports (stored as int8 in an exported model)
+
+
+def check_weight_bits(name: str, bits: Any) -> int:
+    """``bits`` if it is a weight bit-width we support (an integer from 2 to 8), else an error naming ``name``."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not WEIGHT_BITS[0] <= bits <= WEIGHT_BITS[1]:
+        raise config_error(name, f"an integer from {WEIGHT_BITS[0]} to {WEIGHT_BITS[1]}", bits)
+    return bits
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How to fake-quantise.
@@ -38,9 +48,7 @@ class QuantConfig:
     fold_bn: bool = True
 
     def __post_init__(self) -> None:
-        bits = self.weight_bits
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-            raise config_error("weight_bits", "an integer from 2 to 8", bits)
+        check_weight_bits("weight_bits", self.weight_bits)
         if self.activation_bits != 8 or isinstance(self.activation_bits, bool):
             allowed = "8 (activations are uint8 in the exported model)"
             raise config_error("activation_bits", allowed, self.activation_bits)

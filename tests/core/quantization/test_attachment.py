@@ -97,3 +97,15 @@ def test_freeze_bn_puts_folded_batchnorms_in_eval_mode():
     net, _ = quantised(bn=True)
     q.freeze_bn(net)
     assert not net.bn1.training and not net.bn2.training and net.conv1.training
+
+
+def test_set_weight_bits_gives_layers_their_own_width():
+    net = TinyNet()
+    q.attach(net, q.QuantConfig(weight_bits=8))
+    q.enable(net)
+    q.set_weight_bits(net, {"fc1": 2, "conv2": 5, "gone": 4})  # a layer not quantised (any more) is skipped
+    assert q.weight_bits(net) == {"conv1": 8, "conv2": 5, "fc1": 2, "fc2": 8}
+    levels = {len(torch.unique(row)) for row in net.fc1.weight.detach()}
+    assert max(levels) <= 3  # 2 bits, symmetric: -1, 0, 1 steps
+    with pytest.raises(CompressionConfigError, match=r"`layer_bits\['fc2'\]` must be an integer from 2 to 8, got 9"):
+        q.set_weight_bits(net, {"fc2": 9})
