@@ -45,6 +45,19 @@ def techniques(subset: tuple[str, ...], teacher: Any, low_rank_epoch: int = 1, r
     return [made[name]() for name in subset]
 
 
+PLANNED = ("planned",)  # all four with per-layer settings, as a budget plan writes them
+
+
+def planned(teacher: Any) -> list:
+    """Every technique with per-layer settings: ranks, sparsities (patterns that reach the factors) and bits."""
+    return [
+        LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"], ranks={"net.fc1": 3}),
+        MagnitudePruning(final_sparsity=0.6, end_epoch=2, layer_sparsity={"net.fc1*": 0.8, "net.conv1": 0.3}),
+        QuantizationAwareTraining(start_epoch=1, layer_bits={"net.fc2": 4, "net.fc1": 6}),
+        KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5),
+    ]
+
+
 @pytest.fixture(scope="module")
 def teacher() -> TinyModule:
     _, module = fit([], module=TinyModule(bn=True), max_epochs=2, seed=7)
@@ -57,9 +70,10 @@ def matrix(teacher, tmp_path_factory) -> dict[tuple[str, ...], Path]:
     root = tmp_path_factory.mktemp("matrix")
     x = synthetic(16, seed=5).tensors[0]
     folders = {}
-    for subset in SUBSETS:
+    for subset in [*SUBSETS, PLANNED]:
         folder = root / "-".join(subset)
-        callbacks = [*techniques(subset, teacher), CompressionExport(folder, plots=False, val_batches=1)]
+        chosen = planned(teacher) if subset == PLANNED else techniques(subset, teacher)
+        callbacks = [*chosen, CompressionExport(folder, plots=False, val_batches=1)]
         _, module = fit(callbacks, module=TinyModule(bn=True), max_epochs=3)
         module.eval()
         with torch.no_grad():
@@ -89,6 +103,20 @@ def test_every_subset_trains_exports_and_verifies(matrix, subset):
 
 
 @pytest.mark.slow
+def test_per_layer_settings_compose_export_and_verify(matrix):
+    report = json.loads((matrix[PLANNED] / "report.json").read_text())
+    assert set(report["verification"]) == {"onnx", "onnx_int8"}
+    assert all(check["passed"] for check in report["verification"].values()), report["verification"]
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["net.fc1.0"]["rank"] == 3  # the first factor carries the rank
+    assert rows["net.fc1.0"]["sparsity"] == pytest.approx(0.8, abs=0.01)  # the pattern reached the factors
+    assert rows["net.conv1"]["sparsity"] == pytest.approx(0.3, abs=0.05)
+    bits = {name: row["weight_bits"] for name, row in rows.items()}
+    assert bits["net.fc2"] == 4 and bits["net.fc1.0"] == bits["net.fc1.1"] == 6  # the factors keep fc1's bits
+    assert {bits[name] for name in rows if name not in ("net.fc2", "net.fc1.0", "net.fc1.1")} == {8}
+
+
+@pytest.mark.slow
 def test_every_exported_checkpoint_restores_in_a_fresh_process(matrix):
     script = (
         "import sys, torch\n"
@@ -105,7 +133,7 @@ def test_every_exported_checkpoint_restores_in_a_fresh_process(matrix):
     folders = [str(f) for f in matrix.values()]
     done = subprocess.run([sys.executable, "-c", script, *folders], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"restored {len(SUBSETS)}" in done.stdout
+    assert f"restored {len(SUBSETS) + 1}" in done.stdout  # every subset and the planned run
 
 
 def _state(module: torch.nn.Module) -> dict[str, Tensor]:

@@ -213,3 +213,23 @@ def test_any_override_through_the_command_exits_0_or_2_never_a_traceback(case):
     assert "Traceback" not in err.getvalue(), override
     if code == 2:
         assert "lightning-compress: error: " in err.getvalue(), override
+
+
+def test_per_layer_settings_from_a_recipe_and_from_overrides():
+    from lightning_compress import LowRankFactorization
+
+    path = next(p for p in RECIPES if p.name == "prune_quantize_export.yaml")
+    overrides = [
+        "compression.pruning.layer_sparsity={model.classifier.1: 0.95, 'model.features.*': 0.5}",
+        "compression.quantization.layer_bits={model.classifier.*: 4}",
+        "compression.low_rank.ranks={model.classifier.1: 16}",
+    ]
+    callbacks = {type(c).__name__: c for c in load_recipe(path, overrides).callbacks()}
+    assert callbacks["MagnitudePruning"].layer_sparsity == {"model.classifier.1": 0.95, "model.features.*": 0.5}
+    assert callbacks["QuantizationAwareTraining"].layer_bits == {"model.classifier.*": 4}
+    assert isinstance(callbacks["LowRankFactorization"], LowRankFactorization)
+    assert callbacks["LowRankFactorization"].ranks == {"model.classifier.1": 16}
+    with pytest.raises(CompressionConfigError, match=r"layer_bits\['model.fc'\]` must be an integer from 2 to 8"):
+        load_recipe(path, ["compression.quantization.layer_bits={model.fc: 16}"]).callbacks()
+    with pytest.raises(CompressionConfigError, match=r"compression.pruning.layer_sparsity: .*dict"):
+        load_recipe(path, ["compression.pruning.layer_sparsity=0.5"])
