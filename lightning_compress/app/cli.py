@@ -68,6 +68,23 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="run one short trial and check the sweep's metric is logged (before "
         "`wandb sweep`: W&B's agent cannot tell a trial its metric)"
     )
+    plan = commands.add_parser(
+        "plan", help="choose per-layer settings that meet a latency / bytes / params / MACs target; write a recipe",
+        allow_abbrev=False,
+    )  # fmt: skip
+    plan.add_argument("recipe", help="a recipe YAML file: its model, data and trainer (see recipes/)")
+    plan.add_argument(
+        "--target", required=True, help="latency=0.5 (a ratio of the dense fp32 model), latency=2.5ms, bytes=200000, "
+        "params=0.3 or macs=0.5"
+    )  # fmt: skip
+    plan.add_argument(
+        "--techniques", default="channel,int8", help="comma-separated: channel or unstructured, low_rank, int8, int4 "
+        "(default: channel,int8)"
+    )  # fmt: skip
+    plan.add_argument("--out", required=True, help="the planned recipe to write (YAML)")
+    plan.add_argument("--epochs", type=int, default=1, help="warm-up epochs before the analysis (default: 1)")
+    plan.add_argument("--batches", type=int, default=4, help="validation batches the sensitivity uses (default: 4)")
+    plan.add_argument("--runs", type=int, default=20, help="timed ONNX Runtime calls per latency (default: 20)")
     export = commands.add_parser(
         "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
     )
@@ -97,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_lightning()
     args, extra = _parser().parse_known_args(argv)
-    if extra and args.command not in ("fit", "validate"):
+    if extra and args.command not in ("fit", "validate", "plan"):
         _parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command in ("fit", "validate"):
@@ -105,6 +122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             train = args.command == "fit"
             return fit_recipe(args.recipe, extra, args.print_config, train=train, python_path=args.python_path)
+        if args.command == "plan":
+            from lightning_compress.app.plan import plan_recipe
+
+            done = plan_recipe(args.recipe, args.target, args.techniques, args.out, args.epochs, args.batches,
+                               extra, runs=args.runs)  # fmt: skip
+            metric = done.target.metric
+            measured = done.measured.get(metric)
+            print(
+                f"wrote {args.out}: {len(done.options)} layers compressed; {metric} dense {done.dense[metric]:.6g}, "
+                f"predicted {done.predicted[metric]:.6g}, measured {measured:.6g}; planned in {done.seconds:.1f} s"
+            )
+            return 0
         if args.command == "sweep":
             from lightning_compress.app.sweep import check_sweep, run_sweep
 

@@ -1,0 +1,389 @@
+"""Compress to a budget: per-layer settings chosen from measured sensitivity and measured cost.
+
+``lightning-compress plan RECIPE --target latency=0.5 --techniques channel,int8 --out PLANNED.yaml``
+trains the recipe's model a warm-up (no compression), measures how much each layer's validation loss
+moves under each candidate setting (:mod:`lightning_compress.core.sensitivity`) and what each option costs
+(:mod:`lightning_compress.deploy.cost`, ONNX Runtime latency on this machine at the recipe's batch size),
+chooses one option per layer that meets the target with the least predicted loss
+(:mod:`lightning_compress.core.allocation`), checks the plan's whole-model figures by applying it one-shot
+and exporting it, and writes an ordinary recipe whose compression callbacks carry the per-layer settings
+(``layer_sparsity``, ``ranks``, ``layer_bits``), with predicted, measured and dense figures in a comment.
+
+:func:`plan_model` is the same on any ``nn.Module`` and batches, without a recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core import low_rank as low_rank_core
+from lightning_compress.core import quantization as quant
+from lightning_compress.core.allocation import Choice, allocate
+from lightning_compress.core.graph import find_bn_pairs
+from lightning_compress.core.layers import attention_internals, select_layers, shared_weights, weight_of
+from lightning_compress.core.pruning import prune
+from lightning_compress.core.sensitivity import Sensitivity, Setting, low_rank_rank, sensitivity
+from lightning_compress.core.surgery import swap_modules
+from lightning_compress.deploy.cost import CostModel, Option, layer_calls
+from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+
+TECHNIQUES = ("channel", "unstructured", "low_rank", "int8", "int4")
+METRICS = ("latency", "bytes", "params", "macs")
+CANDIDATES: dict[str, list[Setting]] = {
+    "channel": [Setting("channels", f) for f in (0.25, 0.5, 0.75)],
+    "unstructured": [Setting("sparsity", s) for s in (0.5, 0.75, 0.9)],
+    "low_rank": [Setting("low_rank", r) for r in (0.5, 0.25)],
+}
+BITS = {"int8": 8, "int4": 4}
+COST_KEY = {"latency": "latency_ms", "bytes": "bytes", "params": "params", "macs": "macs"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to meet: ``metric`` (see :data:`METRICS`) at ``value``, a ratio of the dense fp32 model's figure
+    (``latency=0.5``) or, with ``absolute``, the figure itself (``latency=2.5ms``, ``bytes=200000``)."""
+
+    metric: str
+    value: float
+    absolute: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        metric, sep, raw = str(text).partition("=")
+        metric = metric.strip()
+        if metric not in METRICS:
+            raise config_error("--target", f"METRIC=VALUE with METRIC {one_of(METRICS)}", text,
+                               did_you_mean(metric, METRICS))  # fmt: skip
+        absolute = raw.strip().endswith("ms")
+        try:
+            value = float(raw.strip().removesuffix("ms"))
+        except ValueError:
+            value = math.nan
+        if not sep or not value > 0 or (absolute and metric != "latency"):
+            raise config_error("--target", "a ratio in (0, 1] of the dense model (latency=0.5) or an absolute "
+                               "figure (latency=2.5ms, bytes=200000)", text)  # fmt: skip
+        return cls(metric, value, absolute or value > 1)
+
+    def budget(self, dense: float) -> float:
+        return self.value if self.absolute else self.value * dense
+
+
+def parse_techniques(text: str | Sequence[str]) -> list[str]:
+    """``"channel,int8"`` (or a list) as a validated list; ``channel`` and ``unstructured`` exclude each other
+    (a recipe holds one pruning callback)."""
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    for name in names:
+        if name not in TECHNIQUES:
+            raise config_error("--techniques", f"a comma-separated list of {one_of(TECHNIQUES)}", name,
+                               did_you_mean(name, TECHNIQUES))  # fmt: skip
+    if not names:
+        raise config_error("--techniques", f"at least one of {one_of(TECHNIQUES)}", text)
+    if "channel" in names and "unstructured" in names:
+        raise config_error("--techniques", "at most one of 'channel' and 'unstructured' (one pruning callback)", text)
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class Plan:
+    """What :func:`plan_model` chose: ``{layer: Option}``, and the ``predicted`` / ``dense`` figures of the
+    target metric (and of every metric the cost model counts), the sensitivity table and the seconds it took."""
+
+    target: Target
+    options: dict[str, Option]
+    predicted: dict[str, float]
+    dense: dict[str, float]
+    predicted_loss: float
+    sensitivity: Sensitivity
+    seconds: float
+    measured: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # the low-rank layers' ranks
+
+    def settings(self) -> dict[str, dict[str, Any]]:
+        """The compression sections of a recipe that carry out the plan (only those it needs)."""
+        sections: dict[str, dict[str, Any]] = {}
+        sparsity = {n: o.structure.value for n, o in self.options.items() if o.structure and
+                    o.structure.kind in ("channels", "sparsity")}  # fmt: skip
+        if sparsity:
+            kind = next(o.structure.kind for o in self.options.values() if o.structure and o.structure.kind in
+                        ("channels", "sparsity"))  # fmt: skip
+            sections["pruning"] = {
+                "pattern": "channel" if kind == "channels" else "unstructured",
+                "final_sparsity": max(sparsity.values()), "include": sorted(sparsity), "layer_sparsity": sparsity,
+            }  # fmt: skip
+        ranks = {n: self.ranks[n] for n in sorted(self.ranks)}
+        if ranks:
+            sections["low_rank"] = {"include": sorted(ranks), "ranks": ranks}
+        bits = {n: o.bits for n, o in self.options.items() if o.bits}
+        if bits:
+            sections["quantization"] = {"include": sorted(bits)}
+            narrower = {n: b for n, b in sorted(bits.items()) if b != 8}
+            if narrower:
+                sections["quantization"]["layer_bits"] = narrower
+        return sections
+
+
+def _applicable(layers: Mapping[str, nn.Module], classifier: str | None) -> dict[str, set[str]]:
+    """``{layer: the setting kinds it may take}``: the classifier keeps its outputs (no channels, no rank),
+    grouped convolutions keep their groups, low-rank needs a fan-in worth factorising."""
+    kinds: dict[str, set[str]] = {}
+    for name, layer in layers.items():
+        allowed = {"sparsity", "bits", "channels", "low_rank"}
+        if name == classifier:
+            allowed -= {"channels", "low_rank"}
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            allowed -= {"channels", "low_rank"}
+        if weight_of(layer)[0].numel() < low_rank_core.MIN_FAN_IN or low_rank_core.skip_reason(layer) is not None:
+            allowed.discard("low_rank")
+        kinds[name] = allowed
+    return kinds
+
+
+def plan_model(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    target: Target,
+    techniques: Sequence[str],
+    batch_size: int,
+    cache: str | Path | None = None,
+    runs: int = 20,
+) -> Plan:
+    """Choose per-layer settings of ``model`` (trained, dense, as the callbacks will see it) that meet ``target``.
+
+    Args:
+        model: the model (a ``LightningModule`` or any module; names are its ``named_modules``).
+        batches: validation ``(input, label)`` batches for the sensitivity analysis (a few).
+        target: what to meet.
+        techniques: what may be used (see :data:`TECHNIQUES`).
+        batch_size: the batch size latencies are measured at.
+        cache: a JSON file for the latency measurements.
+        runs: timed calls per latency.
+
+    Raises:
+        CompressionConfigError: bad techniques, no layer to plan, or a target the techniques cannot reach.
+    """
+    started = time.perf_counter()
+    techniques = parse_techniques(techniques)
+    example = batches[0][0][:2]
+    guards = {**attention_internals(model), **shared_weights(model)}
+    calls = layer_calls(model, example)
+    layers = {n: m for n, m in select_layers(model, types=(nn.Conv2d, nn.Linear)).items()
+              if n in calls and n not in guards and weight_of(m).requires_grad}  # fmt: skip
+    if not layers:
+        raise CompressionConfigError(f"no trainable Conv2d/Linear layer of {type(model).__name__} to plan")
+    classifier = next(reversed(list(calls)), None)
+    kinds = _applicable(layers, classifier)
+    structures = [s for t in techniques for s in CANDIDATES.get(t, [])]
+    widths = [BITS[t] for t in techniques if t in BITS]
+    settings = structures + [Setting("bits", b) for b in widths]
+    bn_pairs = find_bn_pairs(model, layers, example) if "channel" in techniques else {}
+    table = sensitivity(model, list(layers), settings, batches, applicable=lambda n, m, s: s.kind in kinds[n],
+                        bn_pairs=bn_pairs)  # fmt: skip
+    costs = CostModel(batch_size, runs=runs, cache=cache)
+    key = COST_KEY[target.metric]
+    choices: dict[str, list[Choice]] = {}
+    by_name: dict[str, dict[str, Option]] = {}
+    dense_layers: dict[str, dict[str, float]] = {}
+    for name in layers:
+        structure_options: list[Setting | None] = [None] + [s for s in structures if str(s) in table.results[name]]
+        width_options: list[int | None] = [None] + [b for b in widths if f"bits={b}" in table.results[name]]
+        by_name[name] = {}
+        choices[name] = []
+        for structure in structure_options:
+            for bits in width_options:
+                option = Option(structure, bits)
+                figures = costs.costs(calls[name], option)
+                loss = sum(max(0.0, table.delta(name, s)["loss"]) for s in
+                           ([structure] if structure else []) + ([Setting("bits", bits)] if bits else []))  # fmt: skip
+                choices[name].append(Choice(str(option), loss, figures[key]))
+                by_name[name][str(option)] = option
+                if structure is None and bits is None:
+                    dense_layers[name] = figures
+    costs.save()
+    dense = _dense_figures(model, example, batch_size, runs)
+    fixed = max(0.0, dense[target.metric] - sum(f[key] for f in dense_layers.values()))
+    picks = allocate(choices, target.budget(dense[target.metric]), fixed)
+    options = {name: by_name[name][choice.option] for name, choice in picks.items() if choice.option != "dense,float"}
+    predicted = {}
+    for metric, cost_key in COST_KEY.items():
+        outside = max(0.0, dense[metric] - sum(f[cost_key] for f in dense_layers.values()))
+        predicted[metric] = outside + sum(
+            costs.costs(calls[n], by_name[n][picks[n].option])[cost_key] for n in layers
+        )
+    ranks = {n: low_rank_rank(weight_of(layers[n]), o.structure.value) for n, o in options.items()
+             if o.structure and o.structure.kind == "low_rank"}  # fmt: skip
+    return Plan(target, options, predicted, dense, sum(c.loss for c in picks.values()), table,
+                time.perf_counter() - started, ranks=ranks)  # fmt: skip
+
+
+def _dense_figures(model: nn.Module, example: Tensor, batch_size: int, runs: int) -> dict[str, float]:
+    """The dense fp32 model's ``latency`` and ``bytes`` (its exported file, timed by ONNX Runtime at ``batch_size``,
+    and its size) and ``params`` / ``macs`` (per sample), counted the way the cost model counts layers."""
+    from lightning_compress.deploy.measure import count_macs, count_parameters
+
+    return {
+        **_file_figures(model, example, batch_size, runs, int8=False),
+        "params": float(count_parameters(model)),
+        "macs": float(count_macs(model, example[:1])[1]),
+    }
+
+
+def _file_figures(model: nn.Module, example: Tensor, batch_size: int, runs: int, int8: bool) -> dict[str, float]:
+    """``latency`` (ms at ``batch_size``) and ``bytes`` of the model's ONNX file (int8 QDQ with ``int8``)."""
+    from lightning_compress.deploy.measure import ort_latency_ms
+    from lightning_compress.deploy.onnx import export_onnx, float_copy
+    from lightning_compress.deploy.shrink import remove_zero_channels
+
+    batch = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        if int8:
+            export_onnx(model, example, path, int8=True, physical=True)
+        else:
+            smaller = remove_zero_channels(float_copy(model), example)[0]
+            export_onnx(smaller, example, path)
+        return {"latency": ort_latency_ms(path, batch, runs=runs, warmup=5), "bytes": float(path.stat().st_size)}
+
+
+def apply_plan(model: nn.Module, plan: Plan, batches: Sequence[tuple[Tensor, Tensor]]) -> nn.Module:
+    """A copy of ``model`` with the plan applied one-shot (factorised at its ranks, pruned to its sparsities,
+    fake-quantised at its widths with ranges observed on ``batches``): what its figures are measured on."""
+    model = copy.deepcopy(model).eval()
+    example = batches[0][0][:2]
+    sections = plan.settings()
+    if "low_rank" in sections:
+        chosen, _ = low_rank_core.plan(model, ratio=0.5, include=sections["low_rank"]["include"], ranks=plan.ranks)
+        swap_modules(model, {name: new for name, (new, _) in chosen.items()})
+    if "pruning" in sections:
+        settings = sections["pruning"]
+        prune(model, settings["final_sparsity"], settings["pattern"], scope="layer", include=settings["include"],
+              example=example, layer_sparsity=settings["layer_sparsity"])  # fmt: skip
+    if "quantization" in sections:
+        settings = sections["quantization"]
+        layers = quant.attach(model, quant.QuantConfig(), include=settings["include"])
+        quant.set_weight_bits(model, settings.get("layer_bits", {}))
+        quant.link_batchnorms(model, find_bn_pairs(model, layers, example))
+        quant.enable(model)
+        model.train()
+        for module in model.modules():  # observe ranges, keep BatchNorm statistics as trained
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        model.eval()
+    return model
+
+
+def measure_plan(model: nn.Module, plan: Plan, batches: Sequence[tuple[Tensor, Tensor]], batch_size: int,
+                 runs: int = 20) -> dict[str, float]:  # fmt: skip
+    """The planned model's measured figures: ``latency`` and ``bytes`` of its exported file (int8 where
+    quantised) at ``batch_size``, ``params`` / ``macs`` counted, and ``accuracy`` / ``loss`` on ``batches``
+    (one-shot, before any training)."""
+    from lightning_compress.core.sensitivity import evaluate
+    from lightning_compress.deploy.measure import count_macs, count_nonzero
+
+    applied = apply_plan(model, plan, batches)
+    example = batches[0][0][:2]
+    int8 = bool(quant.quantized_layers(applied))
+    figures = evaluate(applied, batches)
+    figures.update(_file_figures(applied, example, batch_size, runs, int8=int8))
+    figures["params"] = float(count_nonzero(applied))
+    figures["macs"] = float(count_macs(applied, example[:1])[1])
+    return figures
+
+
+def comment_block(plan: Plan, source: str, epochs: int) -> str:
+    """The YAML comment a planned recipe starts with: what was asked, predicted, measured and dense."""
+    lines = [
+        f"# Planned by `lightning-compress plan {source} --target {plan.target.metric}={plan.target.value}`",
+        f"# from {epochs} warm-up epoch(s), sensitivity on {plan.sensitivity.samples} validation samples "
+        f"({plan.sensitivity.batches} batches), in {plan.seconds:.1f} s.",
+        "# figure      dense        predicted    measured (one-shot, before training)",
+    ]
+    for metric in METRICS:
+        measured = plan.measured.get(metric)
+        shown = f"{measured:<12.6g}" if measured is not None else "-"
+        ratio = plan.predicted[metric] / plan.dense[metric] if plan.dense[metric] else float("nan")
+        lines.append(f"# {metric:<11} {plan.dense[metric]:<12.6g} {plan.predicted[metric]:<12.6g} {shown}"
+                     f"  (predicted {ratio:.2f}x dense)")  # fmt: skip
+    lines.append(f"# predicted validation-loss increase (sum over layers): {plan.predicted_loss:.4f}")
+    if "accuracy" in plan.measured:
+        dense = plan.sensitivity.baseline["accuracy"]
+        lines.append(f"# one-shot accuracy {plan.measured['accuracy']:.4f} (dense {dense:.4f}): before any training")
+    lines.append("# latency: ms per batch (ONNX Runtime, 1 thread); bytes: the ONNX file (unstructured sparsity is")
+    lines.append("# predicted as a bitmap format, the file stores zeros); params / macs: non-zero, per sample")
+    return "\n".join(lines) + "\n"
+
+
+def plan_recipe(
+    path: str,
+    target: str,
+    techniques: str,
+    out: str,
+    epochs: int = 1,
+    batches: int = 4,
+    overrides: Sequence[str] = (),
+    python_path: Sequence[str] = (),
+    runs: int = 20,
+) -> Plan:
+    """``lightning-compress plan``: warm the recipe's model up, plan, measure, write the planned recipe to ``out``."""
+    import lightning.pytorch as pl
+    import yaml
+
+    from lightning_compress.config import load_recipe
+
+    goal = Target.parse(target)
+    allowed = parse_techniques(techniques)
+    if not isinstance(epochs, int) or epochs < 0:
+        raise config_error("--epochs", "a whole number of warm-up epochs >= 0", epochs)
+    if not isinstance(batches, int) or batches < 1:
+        raise config_error("--batches", "a positive number of validation batches", batches)
+    recipe = load_recipe(path, overrides, python_path)
+    pl.seed_everything(recipe.seed, verbose=False)
+    model = recipe.model()
+    data = recipe.datamodule()
+    if epochs:
+        kwargs = {k: v for k, v in recipe.trainer_kwargs().items() if k not in ("max_epochs", "max_steps")}
+        trainer = pl.Trainer(**{**kwargs, "max_epochs": epochs, "logger": False, "enable_checkpointing": False,
+                                "enable_model_summary": False, "callbacks": []})  # fmt: skip
+        trainer.fit(model, datamodule=data)
+    else:
+        data.setup("fit")
+    model.eval()
+    val = []
+    for x, y in data.val_dataloader():
+        val.append((x, y))
+        if len(val) == batches:
+            break
+    batch_size = int((recipe.config.get("data") or {}).get("batch_size") or len(val[0][1]))
+    cache = Path(out).with_suffix(".latency.json")
+    plan = plan_model(model, val, goal, allowed, batch_size, cache=cache, runs=runs)
+    plan.measured = measure_plan(model, plan, val, batch_size, runs)
+    config = copy.deepcopy(recipe.config)
+    compression = dict(config.get("compression") or {})
+    for section in ("pruning", "low_rank", "quantization"):
+        compression.pop(section, None)
+    planned = plan.settings()
+    max_epochs = int(recipe.trainer_kwargs().get("max_epochs") or 1)
+    if "pruning" in planned:
+        planned["pruning"]["end_epoch"] = max(1, round(0.6 * max_epochs))
+    if "low_rank" in planned:
+        planned["low_rank"]["epoch"] = min(1, max_epochs - 1)
+    if "quantization" in planned:
+        planned["quantization"]["start_epoch"] = max(0, max_epochs - 2)
+    config["compression"] = {**planned, **compression}
+    text = comment_block(plan, path, epochs) + yaml.safe_dump(config, sort_keys=False)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    load_recipe(out, python_path=python_path).callbacks()  # what was written validates and builds
+    return plan
