@@ -46,6 +46,17 @@ def test_distillation_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_budget_benchmark_smoke(tmp_path):
+    args = ["--data", "digits", "--model", "cnn_small", "--targets", "0.8", "--epochs", "1", "--seeds", "0",
+            "--runs", "3", "--techniques", "channel"]  # fmt: skip
+    stdout = run_benchmark("budget.py", args, tmp_path)
+    assert "| 0.8 | planned |" in stdout and "| 0.8 | MACs-aware |" in stdout and "planned - uniform" in stdout
+    saved = json.loads((tmp_path / "budget.json").read_text())["results"]["0.8"]
+    assert len(saved["accuracy"]["planned"]) == 1 and saved["uniform"]["fraction"] > 0
+    assert saved["planned"]["measured"]["latency"] > 0 and (tmp_path / "budget.latency.json").is_file()
+
+
+@pytest.mark.slow
 def test_low_rank_benchmark_smoke(tmp_path):
     args = ["--data", "digits", "--model", "cnn_small", "--epochs", "2", "--at", "1", "--ratios", "0.5"]
     stdout = run_benchmark("low_rank.py", [*args, "--rounds", "1", "--runs", "3"], tmp_path)

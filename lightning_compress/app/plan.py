@@ -148,28 +148,57 @@ def _applicable(layers: Mapping[str, nn.Module], classifier: str | None) -> dict
     return kinds
 
 
-def plan_model(
+@dataclass
+class Analysis:
+    """What planning measures once and allocates from many times: the sensitivity table, every layer's options
+    with their predicted loss and costs, the dense model's figures and what lies outside the planned layers."""
+
+    layers: dict[str, nn.Module]
+    sensitivity: Sensitivity
+    options: dict[str, dict[str, Option]]  # {layer: {str(option): option}}
+    losses: dict[str, dict[str, float]]  # {layer: {str(option): predicted loss increase}}
+    costs: dict[str, dict[str, dict[str, float]]]  # {layer: {str(option): {figure: cost}}}
+    dense: dict[str, float]  # the whole dense model, by metric
+    outside: dict[str, float]  # the dense model outside the planned layers, by metric
+    seconds: float
+
+    def lowest(self, metric: str) -> float:
+        """The least the per-layer model predicts for ``metric``: every layer at its cheapest option."""
+        key = COST_KEY[metric]
+        return self.outside[metric] + sum(min(c[key] for c in self.costs[n].values()) for n in self.layers)
+
+    def choose(self, target: Target, budget: float | None = None) -> Plan:
+        """The allocation meeting ``target`` (or a ``budget`` of its metric given directly)."""
+        started = time.perf_counter()
+        key = COST_KEY[target.metric]
+        choices = {name: [Choice(o, self.losses[name][o], self.costs[name][o][key]) for o in self.options[name]]
+                   for name in self.layers}  # fmt: skip
+        limit = target.budget(self.dense[target.metric]) if budget is None else budget
+        picks = allocate(choices, limit, self.outside[target.metric])
+        options = {n: self.options[n][c.option] for n, c in picks.items() if c.option != str(Option())}
+        predicted = {metric: self.outside[metric] + sum(self.costs[n][picks[n].option][k] for n in self.layers)
+                     for metric, k in COST_KEY.items()}  # fmt: skip
+        ranks = {n: low_rank_rank(weight_of(self.layers[n]), o.structure.value) for n, o in options.items()
+                 if o.structure and o.structure.kind == "low_rank"}  # fmt: skip
+        seconds = self.seconds + time.perf_counter() - started
+        return Plan(target, options, predicted, self.dense, sum(c.loss for c in picks.values()), self.sensitivity,
+                    seconds, ranks=ranks)  # fmt: skip
+
+
+def analyse(
     model: nn.Module,
     batches: Sequence[tuple[Tensor, Tensor]],
-    target: Target,
     techniques: Sequence[str],
     batch_size: int,
     cache: str | Path | None = None,
     runs: int = 20,
-) -> Plan:
-    """Choose per-layer settings of ``model`` (trained, dense, as the callbacks will see it) that meet ``target``.
-
-    Args:
-        model: the model (a ``LightningModule`` or any module; names are its ``named_modules``).
-        batches: validation ``(input, label)`` batches for the sensitivity analysis (a few).
-        target: what to meet.
-        techniques: what may be used (see :data:`TECHNIQUES`).
-        batch_size: the batch size latencies are measured at.
-        cache: a JSON file for the latency measurements.
-        runs: timed calls per latency.
+) -> Analysis:
+    """Measure what planning needs of ``model``: per-layer sensitivity to every candidate setting of
+    ``techniques`` on ``batches``, per-layer costs of every option (latency at ``batch_size``, cached in
+    ``cache``), and the dense model's own figures.
 
     Raises:
-        CompressionConfigError: bad techniques, no layer to plan, or a target the techniques cannot reach.
+        CompressionConfigError: bad techniques, or no layer to plan.
     """
     started = time.perf_counter()
     techniques = parse_techniques(techniques)
@@ -188,41 +217,100 @@ def plan_model(
     bn_pairs = find_bn_pairs(model, layers, example) if "channel" in techniques else {}
     table = sensitivity(model, list(layers), settings, batches, applicable=lambda n, m, s: s.kind in kinds[n],
                         bn_pairs=bn_pairs)  # fmt: skip
-    costs = CostModel(batch_size, runs=runs, cache=cache)
-    key = COST_KEY[target.metric]
-    choices: dict[str, list[Choice]] = {}
-    by_name: dict[str, dict[str, Option]] = {}
-    dense_layers: dict[str, dict[str, float]] = {}
+    model_costs = CostModel(batch_size, runs=runs, cache=cache)
+    options: dict[str, dict[str, Option]] = {}
+    losses: dict[str, dict[str, float]] = {}
+    costs: dict[str, dict[str, dict[str, float]]] = {}
     for name in layers:
         structure_options: list[Setting | None] = [None] + [s for s in structures if str(s) in table.results[name]]
         width_options: list[int | None] = [None] + [b for b in widths if f"bits={b}" in table.results[name]]
-        by_name[name] = {}
-        choices[name] = []
+        options[name], losses[name], costs[name] = {}, {}, {}
         for structure in structure_options:
             for bits in width_options:
                 option = Option(structure, bits)
-                figures = costs.costs(calls[name], option)
-                loss = sum(max(0.0, table.delta(name, s)["loss"]) for s in
-                           ([structure] if structure else []) + ([Setting("bits", bits)] if bits else []))  # fmt: skip
-                choices[name].append(Choice(str(option), loss, figures[key]))
-                by_name[name][str(option)] = option
-                if structure is None and bits is None:
-                    dense_layers[name] = figures
-    costs.save()
+                parts = ([structure] if structure else []) + ([Setting("bits", bits)] if bits else [])
+                options[name][str(option)] = option
+                losses[name][str(option)] = sum(max(0.0, table.delta(name, part)["loss"]) for part in parts)
+                costs[name][str(option)] = model_costs.costs(calls[name], option)
+    model_costs.save()
     dense = _dense_figures(model, example, batch_size, runs)
-    fixed = max(0.0, dense[target.metric] - sum(f[key] for f in dense_layers.values()))
-    picks = allocate(choices, target.budget(dense[target.metric]), fixed)
-    options = {name: by_name[name][choice.option] for name, choice in picks.items() if choice.option != "dense,float"}
-    predicted = {}
-    for metric, cost_key in COST_KEY.items():
-        outside = max(0.0, dense[metric] - sum(f[cost_key] for f in dense_layers.values()))
-        predicted[metric] = outside + sum(
-            costs.costs(calls[n], by_name[n][picks[n].option])[cost_key] for n in layers
+    dense_option = str(Option())
+    outside = {metric: max(0.0, dense[metric] - sum(costs[n][dense_option][key] for n in layers))
+               for metric, key in COST_KEY.items()}  # fmt: skip
+    return Analysis(layers, table, options, losses, costs, dense, outside, time.perf_counter() - started)
+
+
+CALIBRATED = ("latency", "bytes")  # metrics of the exported file: what the per-layer sum leaves out is measured
+ROUNDS = 4  # allocations at most, each measured, while calibrating
+TOLERANCE = 0.05  # a measured figure this close under the target ends the calibration
+
+
+def plan_model(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    target: Target,
+    techniques: Sequence[str],
+    batch_size: int,
+    cache: str | Path | None = None,
+    runs: int = 20,
+    calibrate: bool = True,
+) -> Plan:
+    """Choose per-layer settings of ``model`` (trained, dense, as the callbacks will see it) that meet ``target``.
+
+    For ``latency`` and ``bytes`` (figures of the exported file) with ``calibrate``, each allocation is applied
+    one-shot, exported and measured, and the budget handed to the allocator is scaled by target / measured,
+    up to :data:`ROUNDS` times: the per-layer sum does not see that pruning a layer's channels shrinks the
+    next layer's inputs, nor the cost of moving between float and int8 layers. The plan whose measured figure
+    is closest to the target without exceeding it is returned (else the lowest measured), its ``measured``
+    figures filled in.
+
+    Args:
+        model: the model (a ``LightningModule`` or any module; names are its ``named_modules``).
+        batches: validation ``(input, label)`` batches for the sensitivity analysis (a few).
+        target: what to meet.
+        techniques: what may be used (see :data:`TECHNIQUES`).
+        batch_size: the batch size latencies are measured at.
+        cache: a JSON file for the latency measurements.
+        runs: timed calls per latency.
+        calibrate: measure and correct as above (else the per-layer prediction alone).
+
+    Raises:
+        CompressionConfigError: bad techniques, no layer to plan, or a target the techniques cannot reach.
+    """
+    started = time.perf_counter()
+    analysis = analyse(model, batches, techniques, batch_size, cache, runs)
+    if not calibrate or target.metric not in CALIBRATED:
+        return analysis.choose(target)
+    goal = target.budget(analysis.dense[target.metric])
+    budget = goal
+    try:
+        plan = analysis.choose(target)
+    except CompressionConfigError:  # by the per-layer sum; what the file measures may still meet it
+        budget = analysis.lowest(target.metric)
+        plan = analysis.choose(target, budget)
+    tried: list[Plan] = []
+    for _ in range(ROUNDS):
+        plan.measured = measure_plan(model, plan, batches, batch_size, runs)
+        tried.append(plan)
+        measured = plan.measured[target.metric]
+        if goal * (1 - TOLERANCE) <= measured <= goal:
+            break
+        budget *= goal / measured
+        try:
+            plan = analysis.choose(target, budget)
+        except CompressionConfigError:  # the scaled budget is below what the options reach: keep what we have
+            break
+    fitting = [p for p in tried if p.measured[target.metric] <= goal]
+    best = max(fitting, key=lambda p: p.measured[target.metric]) if fitting else min(
+        tried, key=lambda p: p.measured[target.metric])  # fmt: skip
+    if best.measured[target.metric] > goal * (1 + TOLERANCE):
+        raise CompressionConfigError(
+            f"the target {target.metric}={target.value} ({goal:.6g}) cannot be met: the smallest plan measured "
+            f"{best.measured[target.metric]:.6g} (dense {analysis.dense[target.metric]:.6g}). HINT: allow more "
+            "techniques (int8, low_rank) or set a looser target"
         )
-    ranks = {n: low_rank_rank(weight_of(layers[n]), o.structure.value) for n, o in options.items()
-             if o.structure and o.structure.kind == "low_rank"}  # fmt: skip
-    return Plan(target, options, predicted, dense, sum(c.loss for c in picks.values()), table,
-                time.perf_counter() - started, ranks=ranks)  # fmt: skip
+    best.seconds = time.perf_counter() - started
+    return best
 
 
 def _dense_figures(model: nn.Module, example: Tensor, batch_size: int, runs: int) -> dict[str, float]:
@@ -325,6 +413,19 @@ def comment_block(plan: Plan, source: str, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scheduled(sections: Mapping[str, Mapping[str, Any]], max_epochs: int) -> dict[str, dict[str, Any]]:
+    """The plan's compression sections with a schedule for a run of ``max_epochs``: pruning ramps to 60% of
+    it, factorisation at epoch 1 (after a warm-up epoch), QAT for the last two epochs."""
+    planned = {name: dict(section) for name, section in sections.items()}
+    if "pruning" in planned:
+        planned["pruning"]["end_epoch"] = max(1, round(0.6 * max_epochs))
+    if "low_rank" in planned:
+        planned["low_rank"]["epoch"] = min(1, max_epochs - 1)
+    if "quantization" in planned:
+        planned["quantization"]["start_epoch"] = max(0, max_epochs - 2)
+    return planned
+
+
 def plan_recipe(
     path: str,
     target: str,
@@ -368,19 +469,13 @@ def plan_recipe(
     batch_size = int((recipe.config.get("data") or {}).get("batch_size") or len(val[0][1]))
     cache = Path(out).with_suffix(".latency.json")
     plan = plan_model(model, val, goal, allowed, batch_size, cache=cache, runs=runs)
-    plan.measured = measure_plan(model, plan, val, batch_size, runs)
+    if not plan.measured:
+        plan.measured = measure_plan(model, plan, val, batch_size, runs)
     config = copy.deepcopy(recipe.config)
     compression = dict(config.get("compression") or {})
     for section in ("pruning", "low_rank", "quantization"):
         compression.pop(section, None)
-    planned = plan.settings()
-    max_epochs = int(recipe.trainer_kwargs().get("max_epochs") or 1)
-    if "pruning" in planned:
-        planned["pruning"]["end_epoch"] = max(1, round(0.6 * max_epochs))
-    if "low_rank" in planned:
-        planned["low_rank"]["epoch"] = min(1, max_epochs - 1)
-    if "quantization" in planned:
-        planned["quantization"]["start_epoch"] = max(0, max_epochs - 2)
+    planned = scheduled(plan.settings(), int(recipe.trainer_kwargs().get("max_epochs") or 1))
     config["compression"] = {**planned, **compression}
     text = comment_block(plan, path, epochs) + yaml.safe_dump(config, sort_keys=False)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
