@@ -7,7 +7,9 @@ moves under each candidate setting (:mod:`lightning_compress.core.sensitivity`) 
 chooses one option per layer that meets the target with the least predicted loss
 (:mod:`lightning_compress.core.allocation`), checks the plan's whole-model figures by applying it one-shot
 and exporting it, and writes an ordinary recipe whose compression callbacks carry the per-layer settings
-(``layer_sparsity``, ``ranks``, ``layer_bits``), with predicted, measured and dense figures in a comment.
+(``layer_sparsity``, ``ranks``, ``layer_bits``), with predicted, measured and dense figures in a comment;
+beside it ``*.sensitivity.json`` (the table, reused while weights and data are the same), ``*.sensitivity.png``
+(one curve per layer) and ``*.latency.json`` (the measured per-layer latencies, reused).
 
 :func:`plan_model` is the same on any ``nn.Module`` and batches, without a recipe.
 """
@@ -15,6 +17,7 @@ and exporting it, and writes an ordinary recipe whose compression callbacks carr
 from __future__ import annotations
 
 import copy
+import json
 import math
 import tempfile
 import time
@@ -32,7 +35,7 @@ from lightning_compress.core.allocation import Choice, allocate
 from lightning_compress.core.graph import find_bn_pairs
 from lightning_compress.core.layers import attention_internals, select_layers, shared_weights, weight_of
 from lightning_compress.core.pruning import prune
-from lightning_compress.core.sensitivity import Sensitivity, Setting, low_rank_rank, sensitivity
+from lightning_compress.core.sensitivity import Sensitivity, Setting, fingerprint, low_rank_rank, sensitivity
 from lightning_compress.core.surgery import swap_modules
 from lightning_compress.deploy.cost import CostModel, Option, layer_calls
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
@@ -192,10 +195,12 @@ def analyse(
     batch_size: int,
     cache: str | Path | None = None,
     runs: int = 20,
+    sensitivity_cache: str | Path | None = None,
 ) -> Analysis:
     """Measure what planning needs of ``model``: per-layer sensitivity to every candidate setting of
     ``techniques`` on ``batches``, per-layer costs of every option (latency at ``batch_size``, cached in
-    ``cache``), and the dense model's own figures.
+    ``cache``), and the dense model's own figures. With ``sensitivity_cache`` (a JSON file) the table is read
+    from it when its key matches (same weights, settings and data) and written to it otherwise.
 
     Raises:
         CompressionConfigError: bad techniques, or no layer to plan.
@@ -215,8 +220,13 @@ def analyse(
     widths = [BITS[t] for t in techniques if t in BITS]
     settings = structures + [Setting("bits", b) for b in widths]
     bn_pairs = find_bn_pairs(model, layers, example) if "channel" in techniques else {}
-    table = sensitivity(model, list(layers), settings, batches, applicable=lambda n, m, s: s.kind in kinds[n],
-                        bn_pairs=bn_pairs)  # fmt: skip
+    table = _cached_sensitivity(sensitivity_cache, fingerprint(model, layers, settings, batches))
+    if table is None:
+        table = sensitivity(model, list(layers), settings, batches, applicable=lambda n, m, s: s.kind in kinds[n],
+                            bn_pairs=bn_pairs)  # fmt: skip
+        if sensitivity_cache is not None:
+            Path(sensitivity_cache).parent.mkdir(parents=True, exist_ok=True)
+            Path(sensitivity_cache).write_text(json.dumps(table.to_dict(), indent=1))
     model_costs = CostModel(batch_size, runs=runs, cache=cache)
     options: dict[str, dict[str, Option]] = {}
     losses: dict[str, dict[str, float]] = {}
@@ -240,6 +250,41 @@ def analyse(
     return Analysis(layers, table, options, losses, costs, dense, outside, time.perf_counter() - started)
 
 
+def _cached_sensitivity(path: str | Path | None, key: str) -> Sensitivity | None:
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        saved = Sensitivity.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: measured again
+    return saved if saved.key == key else None
+
+
+def plot_sensitivity(table: Sensitivity, path: str | Path) -> Path:
+    """One curve per layer and technique: the validation-loss increase against the setting's strength."""
+    from lightning_compress.errors import require
+
+    require("matplotlib", "plots", "the sensitivity plot").use("Agg")
+    plt = require("matplotlib.pyplot", "plots", "the sensitivity plot")
+    kinds = sorted({key.split("=")[0] for results in table.results.values() for key in results})
+    figure, axes = plt.subplots(1, max(1, len(kinds)), figsize=(4.5 * max(1, len(kinds)), 3.6), squeeze=False)
+    for axis, kind in zip(axes[0], kinds, strict=False):
+        for layer, results in table.results.items():
+            points = sorted((float(k.split("=")[1]), table.delta(layer, k)["loss"]) for k in results
+                            if k.startswith(f"{kind}="))  # fmt: skip
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=layer)
+        axis.set_xlabel({"bits": "weight bits", "low_rank": "kept parameter ratio"}.get(kind, f"{kind} pruned"))
+        axis.set_ylabel("validation loss increase")
+        axis.set_title(kind)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
+
+
 CALIBRATED = ("latency", "bytes")  # metrics of the exported file: what the per-layer sum leaves out is measured
 ROUNDS = 4  # allocations at most, each measured, while calibrating
 TOLERANCE = 0.05  # a measured figure this close under the target ends the calibration
@@ -254,6 +299,7 @@ def plan_model(
     cache: str | Path | None = None,
     runs: int = 20,
     calibrate: bool = True,
+    sensitivity_cache: str | Path | None = None,
 ) -> Plan:
     """Choose per-layer settings of ``model`` (trained, dense, as the callbacks will see it) that meet ``target``.
 
@@ -273,12 +319,13 @@ def plan_model(
         cache: a JSON file for the latency measurements.
         runs: timed calls per latency.
         calibrate: measure and correct as above (else the per-layer prediction alone).
+        sensitivity_cache: a JSON file the sensitivity table is kept in (see :func:`analyse`).
 
     Raises:
         CompressionConfigError: bad techniques, no layer to plan, or a target the techniques cannot reach.
     """
     started = time.perf_counter()
-    analysis = analyse(model, batches, techniques, batch_size, cache, runs)
+    analysis = analyse(model, batches, techniques, batch_size, cache, runs, sensitivity_cache)
     if not calibrate or target.metric not in CALIBRATED:
         return analysis.choose(target)
     goal = target.budget(analysis.dense[target.metric])
@@ -468,7 +515,8 @@ def plan_recipe(
             break
     batch_size = int((recipe.config.get("data") or {}).get("batch_size") or len(val[0][1]))
     cache = Path(out).with_suffix(".latency.json")
-    plan = plan_model(model, val, goal, allowed, batch_size, cache=cache, runs=runs)
+    kept = Path(out).with_suffix(".sensitivity.json")
+    plan = plan_model(model, val, goal, allowed, batch_size, cache=cache, runs=runs, sensitivity_cache=kept)
     if not plan.measured:
         plan.measured = measure_plan(model, plan, val, batch_size, runs)
     config = copy.deepcopy(recipe.config)
@@ -481,4 +529,8 @@ def plan_recipe(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
     load_recipe(out, python_path=python_path).callbacks()  # what was written validates and builds
+    from importlib.util import find_spec
+
+    if find_spec("matplotlib") is not None:
+        plot_sensitivity(plan.sensitivity, Path(out).with_suffix(".sensitivity.png"))
     return plan

@@ -69,6 +69,24 @@ def test_a_params_plan_meets_its_target_and_its_prediction_is_what_is_measured()
         plan_model(net, batches, Target("params", 0.01), ["int8"], batch_size=8, runs=3)
 
 
+def test_the_sensitivity_table_is_kept_and_reused_while_weights_and_data_are_the_same(tmp_path, monkeypatch):
+    import lightning_compress.app.plan as planning
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(16, 1, 8, 8)
+    batches = [(x, net(x).argmax(1).detach())]
+    kept = tmp_path / "table.json"
+    first = plan_model(net, batches, Target("params", 0.6), ["channel"], 8, runs=2, sensitivity_cache=kept)
+    monkeypatch.setattr(planning, "sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    again = plan_model(net, batches, Target("params", 0.6), ["channel"], 8, runs=2, sensitivity_cache=kept)
+    assert again.sensitivity == first.sensitivity and again.options == first.options
+    with torch.no_grad():
+        net.fc1.weight.mul_(2)  # other weights: another key, measured again
+    with pytest.raises(pytest.fail.Exception, match="measured again"):
+        plan_model(net, batches, Target("params", 0.6), ["channel"], 8, runs=2, sensitivity_cache=kept)
+
+
 def test_plan_writes_a_recipe_that_validates_and_trains(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "planned.yaml"
@@ -82,6 +100,8 @@ def test_plan_writes_a_recipe_that_validates_and_trains(tmp_path, capsys, monkey
     config = yaml.safe_load(text)
     pruning = config["compression"]["pruning"]
     assert pruning["pattern"] == "channel" and set(pruning["layer_sparsity"]) == set(pruning["include"])
+    assert out.with_suffix(".sensitivity.png").stat().st_size > 0 and out.with_suffix(".latency.json").is_file()
+    assert yaml.safe_load(out.with_suffix(".sensitivity.json").read_text())["samples"] == 128
     callbacks = {type(c).__name__ for c in load_recipe(out).callbacks()}
     assert "MagnitudePruning" in callbacks
     assert main(["fit", str(out), "--trainer.max_epochs=2"]) == 0  # the planned recipe trains
