@@ -23,7 +23,7 @@ from lightning_compress import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from lightning_compress.core.quantization import observer_ranges, quantized_layers
+from lightning_compress.core.quantization import observer_ranges, quantized_layers, weight_bits
 from tests.helpers import TinyModule, loaders
 
 
@@ -66,16 +66,18 @@ class Recorder(pl.Callback):
             ],
             "factorized": {name: list(f["ranks"]) for name, f in self.lowrank.factorized.items()},
             "exported": sorted(self.export.report.get("files", {})),
+            "weight_bits": weight_bits(pl_module),
         }
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
-    pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1)
-    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2)
+    # per-layer settings too: a sparsity of its own, a rank of its own, a narrower width
+    pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1, layer_sparsity={"net.conv1": 0.5})
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, layer_bits={"net.fc2": 4})
     kd = KnowledgeDistillation(TinyModule(bn=True), alpha=0.5, features={"net.fc1": "net.fc2"})
-    lowrank = LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"])
+    lowrank = LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"], ranks={"net.fc1": 6})
     export = CompressionExport(Path(sys.argv[1]) / "export", plots=False)
     train, val = loaders(n=128, batch_size=8)
     trainer = pl.Trainer(

@@ -223,6 +223,8 @@ def test_composes_with_pruning_qat_and_distillation(order, tmp_path):
 def test_ddp_ranks_factorise_identically_and_train_in_sync(ddp_run):
     rank0, rank1 = ddp_run
     assert rank0["factorized"] == rank1["factorized"] and set(rank0["factorized"]) == {"net.fc1", "net.conv2"}
+    assert rank0["factorized"]["net.fc1"] == [6]  # its own rank
+    assert rank0["weight_bits"] == rank1["weight_bits"] and rank0["weight_bits"]["net.fc2"] == 4
     assert "net.fc1.1.parametrizations.weight.original" in rank0["weights"]  # QAT on the new layers
     assert "net.conv2.0.weight_mask" in rank0["weights"]  # and pruning
     for key, value in rank0["weights"].items():

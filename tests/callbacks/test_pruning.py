@@ -276,7 +276,8 @@ def test_ddp_two_processes_hold_identical_masks_at_every_update(ddp_run):
             assert torch.equal(mask, rank1["history"][step][name]), (step, name)
     for key, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][key]), key
-    final = rank0["history"][max(rank0["history"])]
+    final = dict(rank0["history"][max(rank0["history"])])
+    assert 1 - float(final.pop("net.conv1").float().mean()) == pytest.approx(0.5, abs=0.01)  # its layer_sparsity
     kept = sum(int(m.sum()) for m in final.values())
     assert 1 - kept / sum(m.numel() for m in final.values()) == pytest.approx(0.8, abs=1e-3)
 
