@@ -26,9 +26,10 @@ import torch
 from common import RESULTS, fit, markdown, mean_spread, new_module, save
 
 from lightning_compress import LowRankFactorization, MagnitudePruning, QuantizationAwareTraining, get_datamodule
-from lightning_compress.app.plan import Plan, Target, measure_plan, plan_model, scheduled
+from lightning_compress.app.plan import scheduled
 from lightning_compress.core.sensitivity import Setting
 from lightning_compress.deploy.cost import Option
+from lightning_compress.deploy.planning import Plan, Target, measure_plan, plan_model
 
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
