@@ -8,6 +8,7 @@ report, ``restore``) > ``core`` (the plain-torch techniques), beside ``vision`` 
 """
 
 from lightning_compress.callbacks import (
+    BudgetPlanner,
     CompressionExport,
     KnowledgeDistillation,
     LowRankFactorization,
@@ -34,6 +35,7 @@ from lightning_compress.vision.module import ClassificationModule
 __version__ = "0.2.0"  # as in pyproject.toml (a test keeps the two equal)
 
 __all__ = [
+    "BudgetPlanner",
     "ClassificationModule",
     "CompressedCheckpointMixin",
     "CompressionConfigError",

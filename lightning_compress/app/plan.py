@@ -45,8 +45,8 @@ def comment_block(plan: Plan, source: str, epochs: int) -> str:
     if "accuracy" in plan.measured:
         dense = plan.sensitivity.baseline["accuracy"]
         lines.append(f"# one-shot accuracy {plan.measured['accuracy']:.4f} (dense {dense:.4f}): before any training")
-    lines.append("# latency: ms per batch (ONNX Runtime, 1 thread); bytes: the ONNX file (unstructured sparsity is")
-    lines.append("# predicted as a bitmap format, the file stores zeros); params / macs: non-zero, per sample")
+    lines.append("# latency: ms per batch (ONNX Runtime, its default threads); bytes: the ONNX file (unstructured")
+    lines.append("# sparsity is predicted as a bitmap, the file stores zeros); params / macs: non-zero, per sample")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import CompressionCallback, check_strategy, find_callback
 from lightning_compress.callbacks.distillation import KnowledgeDistillation
 from lightning_compress.callbacks.quantization import QuantizationAwareTraining
-from lightning_compress.core.quantization import quantized_layers
+from lightning_compress.core.quantization import quantized_layers, weight_quantizer
 from lightning_compress.deploy import report as rep
 from lightning_compress.deploy.bundle import FORMATS, write_bundle
 from lightning_compress.deploy.cpu import WeightType, resolve_weight_type
@@ -190,9 +190,17 @@ class CompressionExport(CompressionCallback):
         val = self._val_batches(trainer)
         example = self._example(pl_module, val)
         checkpoint = _plain_checkpoint(trainer, pl_module)
+        formats = list(self._formats)
+        enabled = any(bool(weight_quantizer(m).enabled) for m in quantized_layers(pl_module).values())
+        if "onnx_int8" in formats and self.formats is None and not enabled:
+            formats.remove("onnx_int8")
+            rank_zero_info(
+                "CompressionExport writes no int8 file: no layer is fake-quantised (QAT had not started, or a plan "
+                "kept every layer in float)"
+            )
         try:
             report = write_bundle(
-                pl_module, self._before, self.dirpath, example, val, self._formats, checkpoint,
+                pl_module, self._before, self.dirpath, example, val, formats, checkpoint,
                 verify=self.verify, physical=self.physical, plots=self.plots, logits_fn=self.logits_fn,
                 baselines=self._baselines(trainer, self._before), int8_weights=self.int8_weights,
             )  # fmt: skip

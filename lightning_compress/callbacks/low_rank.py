@@ -104,6 +104,7 @@ class LowRankFactorization(CompressionCallback):
         self._trainer: weakref.ReferenceType[pl.Trainer] | None = None  # weak: the hook lives on the model
         self._hook: RemovableHandle | None = None
         self._example: Tensor | None = None  # two inputs of the first batch: which layers forward calls
+        self._idle = False  # a plan chose no layer (see configure)
 
     @property
     @override
@@ -140,6 +141,18 @@ class LowRankFactorization(CompressionCallback):
         if self.rank is not None and all(d <= self.rank for d in smallest.values()):
             raise config_error("rank", f"below the smallest dimension of a selected layer {smallest}", self.rank)
 
+    def configure(self, ranks: dict[str, int]) -> None:
+        """Factorise exactly these layers at these ranks when the epoch comes (a plan made during the fit:
+        :class:`~lightning_compress.BudgetPlanner`); an empty mapping factorises nothing."""
+        checked = check_layer_values(
+            "ranks", ranks, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"
+        )
+        self.ranks = dict(checked or {})
+        self.include = sorted(self.ranks)
+        self._idle = not self.ranks
+        if self._idle:
+            rank_zero_info("LowRankFactorization factorises nothing: the plan leaves every layer whole")
+
     def _rebuild_before_loading(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         rebuilt = core.rebuild(module, local)
@@ -152,7 +165,7 @@ class LowRankFactorization(CompressionCallback):
     # -- the factorisation ---------------------------------------------------------------------------
     @override
     def on_epoch_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch < self.epoch or self.factorized:
+        if trainer.current_epoch < self.epoch or self.factorized or self._idle:
             return
         if any(isinstance(m, core.LowRank) for m in pl_module.modules()):
             rank_zero_info("LowRankFactorization: the model is factorised already (an earlier fit); nothing to do")

@@ -31,6 +31,7 @@ from lightning_compress.core import graph
 from lightning_compress.core import pruning as core
 from lightning_compress.core.layers import (
     attention_internals,
+    follow_replaced,
     per_layer,
     select_layers,
     unsupported_layers,
@@ -163,6 +164,7 @@ class MagnitudePruning(CompressionCallback):
                 "final_sparsity", "> 0 with layer_sparsity (the layers ramp in proportion to it)", self.final_sparsity
             )
         self._targets: dict[str, float] = {}  # layer_sparsity resolved to the selected layers
+        self._idle = False  # a plan chose no layer (see configure)
         self._state_key_suffix = state_key_suffix
         # Run state: the schedule position is what a checkpoint keeps (the masks are model buffers).
         self.last_update_step = -1
@@ -179,6 +181,28 @@ class MagnitudePruning(CompressionCallback):
         self._untraced: str | None = None  # why the couplings could not be traced (warned once)
         self._handles: list[RemovableHandle] = []
         self._stage = "fit"
+
+    def configure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_sparsity: dict[str, float]) -> None:
+        """Prune exactly these layers, each to its sparsity, from now on (a plan made during the fit, before
+        pruning starts: :class:`~lightning_compress.BudgetPlanner`); an empty mapping prunes nothing."""
+        checked = check_layer_values(
+            "layer_sparsity", layer_sparsity, lambda v: is_number(v) and 0.0 <= v < 1.0, "a sparsity in [0, 1)"
+        )
+        self.layer_sparsity = {name: float(value) for name, value in (checked or {}).items() if value > 0}
+        self.include = sorted(self.layer_sparsity)
+        self._idle = not self.layer_sparsity
+        if self._idle:
+            self._modules, self._targets, self._pairs, self.schedule = {}, {}, ([], []), None
+            rank_zero_info("MagnitudePruning prunes nothing: the plan leaves every layer dense")
+            return
+        self.final_sparsity = max(self.layer_sparsity.values())
+        self.initial_sparsity = min(self.initial_sparsity, self.final_sparsity)
+        self._modules = self._select(pl_module)
+        self._targets = per_layer("layer_sparsity", self.layer_sparsity, self._modules)
+        self._pairs = self._mask_pairs()
+        self._bn_pairs = None  # couplings found again on the next batch, for these layers
+        if self.schedule is not None:
+            self.schedule = self._build_schedule(trainer)
 
     def _check_final(self, final_sparsity: float | None) -> float:
         implied = self.pattern.fixed_sparsity
@@ -237,6 +261,9 @@ class MagnitudePruning(CompressionCallback):
         """Modules were replaced mid-fit: select again (``include``/``exclude``
         decide whether the new layers are pruned), give new layers masks and, once pruning has
         started, prune them at once to the current target (one global threshold over all layers)."""
+        if self._idle:
+            return
+        self.include = follow_replaced(self.include, pl_module, replaced)  # `include` follows a factorised layer
         before = set(map(id, self._modules.values()))
         self._modules = self._select(pl_module)
         self._targets = per_layer("layer_sparsity", self.layer_sparsity or {}, self._modules, strict=False)
@@ -312,7 +339,7 @@ class MagnitudePruning(CompressionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule = self._build_schedule(trainer)
+        self.schedule = None if self._idle else self._build_schedule(trainer)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._pairs = self._mask_pairs()
@@ -326,7 +353,7 @@ class MagnitudePruning(CompressionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self.pattern.kind == "channel" and self._bn_pairs is None:  # once a real batch is at hand
+        if self.pattern.kind == "channel" and self._bn_pairs is None and self._modules:  # once a batch is at hand
             example = batch_input(batch)[:2]
             self._bn_pairs = graph.find_bn_pairs(pl_module, self._modules, example) if self._bns else {}
             entangled = graph.entangled_layers(pl_module, example)

@@ -29,6 +29,7 @@ from lightning_compress.core.graph import find_bn_pairs
 from lightning_compress.core.layers import (
     ATTENTION_IN_FLOAT,
     attention_internals,
+    follow_replaced,
     per_layer,
     select_layers,
     unsupported_layers,
@@ -118,6 +119,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self.exclude = check_names("exclude", exclude)
         self.layer_bits = check_layer_values("layer_bits", layer_bits, _fits_bits, "an integer from 2 to 8")
         self._bits: dict[str, int] = {}  # layer_bits resolved to the quantised layers (what a checkpoint keeps)
+        self.float_layers: list[str] = []  # quantisable layers a plan keeps in float (see configure)
         self._state_key_suffix = state_key_suffix
         self._linked = False
         self._folded_bns: list[nn.Module] = []
@@ -153,6 +155,8 @@ class QuantizationAwareTraining(CompressionCallback):
                 "(nn.MultiheadAttention -> ProjectedAttention: the same function, in_proj / out_proj as layers)"
             )
         layers = core.attach(pl_module, self.config, self.include, self.exclude)
+        if stage == "fit":
+            self.float_layers = []  # a resumed fit loads its own list after this
         others = [name for name in select_layers(pl_module) if name not in layers]
         self._bits = per_layer("layer_bits", self.layer_bits or {}, layers, left_out=(others, LEFT_IN_FLOAT))
         core.set_weight_bits(pl_module, self._bits)
@@ -171,6 +175,7 @@ class QuantizationAwareTraining(CompressionCallback):
         """Modules were replaced mid-fit: fake-quantise the new layers (in the
         run's current phase) and find BatchNorm pairs and shared ranges again on the next batch. A replaced
         layer's own bit-width passes to the layers that replace it (its factors), unless ``layer_bits`` names them."""
+        self.include = follow_replaced(self.include, pl_module, replaced)  # `include` follows a factorised layer
         layers = core.attach(pl_module, self.config, self.include, self.exclude)
         inherited = {
             name: self._bits[old] for old in replaced if old in self._bits for name in layers
@@ -179,9 +184,26 @@ class QuantizationAwareTraining(CompressionCallback):
         named = per_layer("layer_bits", self.layer_bits or {}, layers, strict=False)
         self._bits = {name: bits for name, bits in {**self._bits, **inherited, **named}.items() if name in layers}
         core.set_weight_bits(pl_module, self._bits)
+        floats = set(self.float_layers)  # a layer kept in float keeps its factors in float
+        gone = [old for old in replaced if old in floats]
+        self.float_layers = sorted(n for n in layers if n in floats or any(n.startswith(f"{o}.") for o in gone))
+        core.keep_in_float(pl_module, self.float_layers)
         core.enable(pl_module, self._now["enabled"])
         core.freeze_observers(pl_module, self._now["observers_frozen"])
         self._linked = False
+
+    def configure(self, pl_module: pl.LightningModule, include: list[str], layer_bits: dict[str, int]) -> None:
+        """Fake-quantise exactly these layers (at ``layer_bits`` where given) and keep the others in float, in
+        the file too (a plan made during the fit, before QAT starts: :class:`~lightning_compress.BudgetPlanner`)."""
+        checked = check_layer_values("layer_bits", layer_bits, _fits_bits, "an integer from 2 to 8") or {}
+        layers = core.quantized_layers(pl_module)
+        chosen = per_layer("include", {name: True for name in include}, layers)
+        self.layer_bits = dict(checked)
+        self._bits = per_layer("layer_bits", self.layer_bits, layers)
+        core.set_weight_bits(pl_module, self._bits)
+        self.float_layers = sorted(set(layers) - set(chosen))
+        core.keep_in_float(pl_module, self.float_layers)
+        core.enable(pl_module, self._now["enabled"])
 
     def _link(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._linked:
@@ -261,6 +283,7 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def on_epoch_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._now = self._phase(trainer.current_epoch)  # read on every step: computed once an epoch
+        core.keep_in_float(pl_module, self.float_layers)  # also after a resume: the list is callback state
         core.enable(pl_module, self._now["enabled"])
         core.freeze_observers(pl_module, self._now["observers_frozen"])
 
@@ -297,10 +320,12 @@ class QuantizationAwareTraining(CompressionCallback):
             "start_epoch": self.start_epoch,
             "bn_pairs": dict(self.bn_pairs),
             "layer_bits": dict(self._bits),
+            "float_layers": list(self.float_layers),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.float_layers = list(state_dict.get("float_layers", []))
         saved = state_dict.get("config")
         if saved is not None and core.QuantConfig.from_dict(saved) != self.config:
             rank_zero_info(

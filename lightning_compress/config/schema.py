@@ -24,12 +24,13 @@ from lightning_compress.errors import CompressionConfigError, brief, did_you_mea
 
 SECTIONS = ("model", "data", "trainer", "compression", "logger", "seed", "python_path")
 LOGGERS = ("wandb", "csv")
-COMPRESSION = ("low_rank", "pruning", "quantization", "distillation", "export")
+COMPRESSION = ("budget", "low_rank", "pruning", "quantization", "distillation", "export")
 
 
 def callback_factories() -> dict[str, Callable[..., Any]]:
     """``{recipe section: callback class}`` of the ``compression`` section."""
     from lightning_compress.callbacks import (
+        BudgetPlanner,
         CompressionExport,
         KnowledgeDistillation,
         LowRankFactorization,
@@ -38,6 +39,7 @@ def callback_factories() -> dict[str, Callable[..., Any]]:
     )
 
     return {
+        "budget": BudgetPlanner,
         "low_rank": LowRankFactorization,
         "pruning": MagnitudePruning,
         "quantization": QuantizationAwareTraining,

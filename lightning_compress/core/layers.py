@@ -117,6 +117,18 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def follow_replaced(patterns: Sequence[str] | None, model: nn.Module, replaced: Iterable[str]) -> list[str] | None:
+    """``include`` patterns after modules were replaced (a layer factorised into ``<name>.0``, ``<name>.1``):
+    the patterns that still match a Conv/Linear layer, plus ``<name>.*`` for every replaced module a pattern
+    named, so a selection by name follows the layer into its replacement. ``None`` stays ``None``."""
+    if patterns is None:
+        return None
+    names = [name for name, module in model.named_modules() if isinstance(module, LAYER_TYPES)]
+    kept = [p for p in patterns if any(fnmatch.fnmatchcase(name, p) for name in names)]
+    followed = [f"{old}.*" for old in replaced if matches(old, patterns)]
+    return list(dict.fromkeys(kept + [p for p in followed if any(fnmatch.fnmatchcase(n, p) for n in names)]))
+
+
 def select_layers(
     model: nn.Module,
     include: Sequence[str] | None = None,

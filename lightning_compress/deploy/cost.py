@@ -240,10 +240,11 @@ def layer_graph(call: LayerCall, option: Option, batch_size: int, weight_type: s
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def time_graph(model: Any, runs: int = 20, warmup: int = 5, threads: int = 1) -> float:
-    """Median milliseconds of ``runs`` ONNX Runtime calls of a one-input model (random input) after ``warmup``."""
+def time_graph(model: Any, runs: int = 20, warmup: int = 5, threads: int = 0) -> float:
+    """Median milliseconds of ``runs`` ONNX Runtime calls of a one-input model (random input) after ``warmup``
+    (``threads`` intra-op threads, 0: ONNX Runtime's default; spinning on, as the whole file is timed)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, as the exported file is timed
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
@@ -276,13 +277,15 @@ class CostModel:
 
     Args:
         batch_size: the batch the latencies are measured at (the user's).
-        threads: ONNX Runtime intra-op threads.
+        threads: ONNX Runtime intra-op threads; 0 (default) is its own default, as
+            :func:`lightning_compress.deploy.measure.ort_latency_ms` times a whole file (the two must agree: the
+            whole model's figure minus its layers' is what lies outside them).
         runs: timed calls per measurement (the median is kept).
         cache: where measurements are kept between runs; ``None`` keeps them in memory only.
         int8_weights: the int8 weight type as the export would store it (``auto``: by this CPU).
     """
 
-    def __init__(self, batch_size: int, threads: int = 1, runs: int = 20,
+    def __init__(self, batch_size: int, threads: int = 0, runs: int = 20,
                  cache: str | os.PathLike[str] | None = None, int8_weights: str = "auto") -> None:  # fmt: skip
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise config_error("batch_size", "a positive integer", batch_size)

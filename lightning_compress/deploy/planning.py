@@ -13,7 +13,6 @@ Used by ``lightning-compress plan`` (:mod:`lightning_compress.app.plan`) and by
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import tempfile
@@ -30,11 +29,18 @@ from lightning_compress.core import low_rank as low_rank_core
 from lightning_compress.core import quantization as quant
 from lightning_compress.core.allocation import Choice, allocate
 from lightning_compress.core.graph import find_bn_pairs
-from lightning_compress.core.layers import attention_internals, select_layers, shared_weights, weight_of
+from lightning_compress.core.layers import (
+    attention_internals,
+    follow_replaced,
+    select_layers,
+    shared_weights,
+    weight_of,
+)
 from lightning_compress.core.pruning import prune
 from lightning_compress.core.sensitivity import Sensitivity, Setting, fingerprint, low_rank_rank, sensitivity
 from lightning_compress.core.surgery import swap_modules
 from lightning_compress.deploy.cost import CostModel, Option, layer_calls
+from lightning_compress.deploy.onnx import export_onnx, float_copy
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
 
 TECHNIQUES = ("channel", "unstructured", "low_rank", "int8", "int4")
@@ -339,11 +345,11 @@ def plan_model(
         measured = plan.measured[target.metric]
         if goal * (1 - TOLERANCE) <= measured <= goal:
             break
-        budget *= goal / measured
-        try:
-            plan = analysis.choose(target, budget)
-        except CompressionConfigError:  # the scaled budget is below what the options reach: keep what we have
+        lowest = analysis.lowest(target.metric)
+        if budget <= lowest and measured > goal:  # the cheapest options were measured: nothing smaller to try
             break
+        budget = max(lowest, budget * goal / measured)  # below the cheapest options: try those
+        plan = analysis.choose(target, budget)
     fitting = [p for p in tried if p.measured[target.metric] <= goal]
     best = max(fitting, key=lambda p: p.measured[target.metric]) if fitting else min(
         tried, key=lambda p: p.measured[target.metric])  # fmt: skip
@@ -372,7 +378,6 @@ def _dense_figures(model: nn.Module, example: Tensor, batch_size: int, runs: int
 def _file_figures(model: nn.Module, example: Tensor, batch_size: int, runs: int, int8: bool) -> dict[str, float]:
     """``latency`` (ms at ``batch_size``) and ``bytes`` of the model's ONNX file (int8 QDQ with ``int8``)."""
     from lightning_compress.deploy.measure import ort_latency_ms
-    from lightning_compress.deploy.onnx import export_onnx, float_copy
     from lightning_compress.deploy.shrink import remove_zero_channels
 
     batch = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
@@ -389,7 +394,7 @@ def _file_figures(model: nn.Module, example: Tensor, batch_size: int, runs: int,
 def apply_plan(model: nn.Module, plan: Plan, batches: Sequence[tuple[Tensor, Tensor]]) -> nn.Module:
     """A copy of ``model`` with the plan applied one-shot (factorised at its ranks, pruned to its sparsities,
     fake-quantised at its widths with ranges observed on ``batches``): what its figures are measured on."""
-    model = copy.deepcopy(model).eval()
+    model = float_copy(model).eval()  # masks folded, fake quantisation off: the plan alone decides
     example = batches[0][0][:2]
     sections = plan.settings()
     if "low_rank" in sections:
@@ -401,7 +406,8 @@ def apply_plan(model: nn.Module, plan: Plan, batches: Sequence[tuple[Tensor, Ten
               example=example, layer_sparsity=settings["layer_sparsity"])  # fmt: skip
     if "quantization" in sections:
         settings = sections["quantization"]
-        layers = quant.attach(model, quant.QuantConfig(), include=settings["include"])
+        include = follow_replaced(settings["include"], model, plan.ranks)  # factorised: their factors
+        layers = quant.attach(model, quant.QuantConfig(), include=include)
         quant.set_weight_bits(model, settings.get("layer_bits", {}))
         quant.link_batchnorms(model, find_bn_pairs(model, layers, example))
         quant.enable(model)

@@ -163,5 +163,6 @@ def rebuild_structure(
         config = quant_config or quantization.QuantConfig.from_dict(qat.get("config") or {})
         quantization.attach(model, config, include=quantized)
         quantization.set_weight_bits(model, dict(qat.get("layer_bits", {})))  # mixed precision, per layer
+        quantization.keep_in_float(model, list(qat.get("float_layers", [])))  # a plan's float layers
         quantization.link_batchnorms(model, dict(qat.get("bn_pairs", {})))
     return state

@@ -277,6 +277,17 @@ def leave_uncalled_in_float(model: nn.Module, example: Any) -> list[str]:
     return uncalled
 
 
+def keep_in_float(model: nn.Module, names: Sequence[str]) -> None:
+    """Switch off, for good, the fake quantisation of the named layers (a plan keeps them in float): they stay
+    float in training, where :func:`enable` skips them, and in the int8 export. Unknown names are skipped."""
+    layers = quantized_layers(model)
+    for name in names:
+        if name in layers:
+            setattr(layers[name], UNREACHABLE, True)
+            for quantizer in _layer_quantizers(layers[name]):
+                cast(Tensor, quantizer.enabled).fill_(False)
+
+
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
     """Stop (or restart) updating the activation ranges."""
     for layer in quantized_layers(model).values():
