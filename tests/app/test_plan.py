@@ -1,5 +1,7 @@
 """``lightning-compress plan``: a planned recipe written, validated and trained (#17)."""
 
+from pathlib import Path
+
 import yaml
 
 from lightning_compress.app.cli import main
@@ -29,3 +31,19 @@ def test_plan_writes_a_recipe_that_validates_and_trains(tmp_path, capsys, monkey
     assert main(["plan", QUICKSTART, "--target", "latency=0.0001ms", "--out", str(tmp_path / "x.yaml"),
                  "--epochs", "0", "--runs", "2"]) == 2  # fmt: skip
     assert "cannot be met" in capsys.readouterr().err
+
+
+def test_a_recipe_plans_inside_its_fit_with_a_budget_section(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load(Path(QUICKSTART).read_text())
+    recipe["trainer"]["max_epochs"] = 2
+    recipe["compression"] = {
+        "budget": {"target": "params=0.6", "epoch": 1, "runs": 2},
+        "pruning": {"pattern": "channel", "start_epoch": 1, "end_epoch": 2},
+    }
+    path = tmp_path / "budgeted.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert [type(c).__name__ for c in load_recipe(path).callbacks()] == ["BudgetPlanner", "MagnitudePruning"]
+    assert main(["fit", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "'budget/params_dense': 12162" in out and "'budget/params_predicted'" in out
