@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_compress import (
+    BudgetPlanner,
     ClassificationModule,
     CompressionExport,
     KnowledgeDistillation,
@@ -58,6 +59,20 @@ def planned(teacher: Any) -> list:
     ]
 
 
+BUDGETED = ("budgeted",)  # all four, their per-layer settings planned during the fit
+
+
+def budgeted(teacher: Any) -> list:
+    """BudgetPlanner at epoch 1 with every technique starting there, and distillation."""
+    return [
+        BudgetPlanner("bytes=0.6", epoch=1, runs=2),
+        LowRankFactorization(epoch=1),
+        MagnitudePruning(final_sparsity=0.6, start_epoch=1, end_epoch=2),
+        QuantizationAwareTraining(start_epoch=1),
+        KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5),
+    ]
+
+
 @pytest.fixture(scope="module")
 def teacher() -> TinyModule:
     _, module = fit([], module=TinyModule(bn=True), max_epochs=2, seed=7)
@@ -70,9 +85,10 @@ def matrix(teacher, tmp_path_factory) -> dict[tuple[str, ...], Path]:
     root = tmp_path_factory.mktemp("matrix")
     x = synthetic(16, seed=5).tensors[0]
     folders = {}
-    for subset in [*SUBSETS, PLANNED]:
+    for subset in [*SUBSETS, PLANNED, BUDGETED]:
         folder = root / "-".join(subset)
-        chosen = planned(teacher) if subset == PLANNED else techniques(subset, teacher)
+        made = {PLANNED: planned, BUDGETED: budgeted}
+        chosen = made[subset](teacher) if subset in made else techniques(subset, teacher)
         callbacks = [*chosen, CompressionExport(folder, plots=False, val_batches=1)]
         _, module = fit(callbacks, module=TinyModule(bn=True), max_epochs=3)
         module.eval()
@@ -117,6 +133,13 @@ def test_per_layer_settings_compose_export_and_verify(matrix):
 
 
 @pytest.mark.slow
+def test_a_plan_made_during_the_fit_composes_with_every_technique(matrix):
+    report = json.loads((matrix[BUDGETED] / "report.json").read_text())
+    assert report["verification"] and all(check["passed"] for check in report["verification"].values())
+    assert "onnx_int8" in report["files"]  # the bytes target quantises
+
+
+@pytest.mark.slow
 def test_every_exported_checkpoint_restores_in_a_fresh_process(matrix):
     script = (
         "import sys, torch\n"
@@ -133,7 +156,7 @@ def test_every_exported_checkpoint_restores_in_a_fresh_process(matrix):
     folders = [str(f) for f in matrix.values()]
     done = subprocess.run([sys.executable, "-c", script, *folders], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"restored {len(SUBSETS) + 1}" in done.stdout  # every subset and the planned run
+    assert f"restored {len(SUBSETS) + 2}" in done.stdout  # every subset, the planned and the budgeted run
 
 
 def _state(module: torch.nn.Module) -> dict[str, Tensor]:

@@ -97,3 +97,23 @@ def test_a_resumed_fit_takes_the_plan_from_the_checkpoint_instead_of_planning_ag
     fit(again, module=TinyModule(bn=True), max_epochs=3, ckpt_path=str(path))
     assert again[0].plan == first[0].plan
     assert again[1].layer_sparsity == first[1].layer_sparsity and again[3].float_layers == first[3].float_layers
+
+
+@pytest.mark.slow
+def test_ddp_ranks_get_rank_zeros_plan_and_train_in_sync(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "ddp_budget.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["plan"] == rank1["plan"] and rank0["plan"]["options"]  # planned once, on rank 0, broadcast
+    assert rank0["layer_sparsity"] == rank1["layer_sparsity"] and rank0["int8"] == rank1["int8"]
+    assert rank0["int8"]  # the plan quantised some layers
+    for key, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][key]), key
