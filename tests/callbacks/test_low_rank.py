@@ -258,3 +258,13 @@ def test_attention_projections_are_factorised_quantised_exported_and_restored(tm
     x = data.tensors[0][:8]
     assert isinstance(fresh.attention.in_proj, LowRank)
     assert torch.allclose(fresh(x), module.eval()(x), atol=1e-6)
+
+
+def test_selections_by_name_follow_a_factorised_layer_into_its_factors():
+    pruning = MagnitudePruning(0.5, end_epoch=2, include=["net.fc1"])
+    qat = QuantizationAwareTraining(start_epoch=1, include=["net.fc1"])
+    _, module = fit([LowRankFactorization(epoch=1, include=["net.fc1"]), pruning, qat], max_epochs=3)
+    assert set(masked_modules(module)) == {"net.fc1.0", "net.fc1.1"}  # raised mid-fit before: 'net.fc1' matched none
+    assert set(quantized_layers(module)) == {"net.fc1.0", "net.fc1.1"} and pruning.include == ["net.fc1.*"]
+    factors = [module.net.fc1[0].weight, module.net.fc1[1].weight]  # one global threshold over the two
+    assert sum(int((w == 0).sum()) for w in factors) / sum(w.numel() for w in factors) == pytest.approx(0.5, abs=0.01)
