@@ -21,8 +21,6 @@ import json
 import math
 import os
 import platform
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.sensitivity import Setting, low_rank_rank
 from lightning_compress.deploy.cpu import resolve_weight_type
+from lightning_compress.deploy.measure import median_call_ms
 from lightning_compress.errors import OptionalModule, config_error
 
 onnx = OptionalModule("onnx", "export", "the cost model's latency measurements")
@@ -249,14 +248,7 @@ def time_graph(model: Any, runs: int = 20, warmup: int = 5, threads: int = 0) ->
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
     feed = {spec.name: np.random.default_rng(1).standard_normal(spec.shape).astype(np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return median_call_ms(session, feed, runs, warmup)
 
 
 def machine() -> str:

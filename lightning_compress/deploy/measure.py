@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,14 @@ def ort_latency_ms(path: str | Path, batch: Tensor, runs: int = 30, warmup: int 
     """
     session = ort_session(path, spinning)
     feed = {session.get_inputs()[0].name: batch.detach().cpu().numpy()}
+    try:
+        return median_call_ms(session, feed, runs, warmup)
+    finally:
+        del session
+
+
+def median_call_ms(session: Any, feed: Mapping[str, Any], runs: int = 30, warmup: int = 10) -> float:
+    """Median milliseconds of ``runs`` calls of an ONNX Runtime ``session`` on ``feed`` after ``warmup`` calls."""
     for _ in range(warmup):
         session.run(None, feed)
     times = []
@@ -173,5 +181,4 @@ def ort_latency_ms(path: str | Path, batch: Tensor, runs: int = 30, warmup: int 
         start = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - start)
-    del session
     return 1000 * statistics.median(times)
