@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_compress.core import low_rank as low_rank_core
 from lightning_compress.core import quantization as quant
 from lightning_compress.core.allocation import Choice, allocate
-from lightning_compress.core.graph import find_bn_pairs
+from lightning_compress.core.graph import coupled_layers, entangled_layers, find_bn_pairs
 from lightning_compress.core.layers import (
     attention_internals,
     follow_replaced,
@@ -140,7 +140,9 @@ class Plan:
 
 def _applicable(layers: Mapping[str, nn.Module], classifier: str | None) -> dict[str, set[str]]:
     """``{layer: the setting kinds it may take}``: the classifier keeps its outputs (no channels, no rank),
-    grouped convolutions keep their groups, low-rank needs a fan-in worth factorising."""
+    grouped convolutions keep their groups, low-rank needs a fan-in worth factorising. (:func:`analyse` also
+    takes channels from layers whose output channels are coupled through a residual add, which share one
+    mask, and from layers whose channels a LayerNorm or attention mixes.)"""
     kinds: dict[str, set[str]] = {}
     for name, layer in layers.items():
         allowed = {"sparsity", "bits", "channels", "low_rank"}
@@ -219,6 +221,10 @@ def analyse(
         raise CompressionConfigError(f"no trainable Conv2d/Linear layer of {type(model).__name__} to plan")
     classifier = next(reversed(list(calls)), None)
     kinds = _applicable(layers, classifier)
+    if "channel" in techniques:  # one channel mask for coupled layers, none for mixed ones: not per layer
+        tied = {n for group in coupled_layers(model, layers, example) if len(group) > 1 for n in group}
+        for name in tied | set(entangled_layers(model, example)):
+            kinds.get(name, set()).discard("channels")
     structures = [s for t in techniques for s in CANDIDATES.get(t, [])]
     widths = [BITS[t] for t in techniques if t in BITS]
     settings = structures + [Setting("bits", b) for b in widths]
