@@ -81,3 +81,30 @@ def test_the_sensitivity_table_is_kept_and_reused_while_weights_and_data_are_the
         net.fc1.weight.mul_(2)  # other weights: another key, measured again
     with pytest.raises(pytest.fail.Exception, match="measured again"):
         plan_model(net, batches, Target("params", 0.6), ["channel"], 8, runs=2, sensitivity_cache=kept)
+
+
+class Residual(nn.Module):
+    """A stem and a block's last conv meet in one add (one channel mask); the block's first conv is free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.inner = nn.Conv2d(8, 16, 3, padding=1)
+        self.last = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.last(torch.relu(self.inner(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_coupled_layers_get_no_channel_fraction_of_their_own():
+    from lightning_compress.deploy.planning import analyse
+
+    torch.manual_seed(0)
+    net = Residual().eval()
+    x = torch.randn(8, 1, 8, 8)
+    analysis = analyse(net, [(x, net(x).argmax(1).detach())], ["channel"], batch_size=4, runs=2)
+    offered = {name for name in analysis.layers if any(key.startswith("channels") for key in analysis.options[name])}
+    assert offered == {"inner"}  # stem + last share one mask; head is the classifier
