@@ -391,7 +391,8 @@ class MagnitudePruning(CompressionCallback):
         for bn, keep in core.batchnorm_masks(masks, self._bn_pairs or {}, self._links, self._bns).items():
             for buffer in (core.WEIGHT_MASK, core.BIAS_MASK):
                 getattr(self._bns[bn], buffer).copy_(keep)
-        core.apply_masks(self._pairs if self._pairs[0] else self._mask_pairs())
+        self._pairs = self._mask_pairs()  # a snapshot of the masks that prune something, in the weights' dtype
+        core.apply_masks(self._pairs)
         self.current_target = target
 
     def _mask_pairs(self) -> tuple[list[Tensor], list[Tensor]]:

@@ -278,3 +278,16 @@ def test_one_shot_prune_takes_per_layer_sparsities_by_pattern(net):
     assert layer_sparsity({"fc1": net.fc1, "fc2": net.fc2}) == pytest.approx({"fc1": 0.8, "fc2": 0.8}, abs=0.02)
     with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['fc3'\]`.*did you mean"):
         prune(TinyNet(), 0.5, layer_sparsity={"fc3": 0.8})
+
+
+def test_mask_pairs_hold_only_masks_that_prune_in_the_weights_dtype(net):
+    from lightning_compress.core.pruning import mask_pairs
+
+    modules = select_layers(net)
+    attach_masks(modules)
+    assert mask_pairs(modules.values()) == ([], [])  # nothing pruned yet: nothing to multiply after a step
+    net.fc1.weight_mask[0, :5] = False
+    tensors, masks = mask_pairs(modules.values())
+    assert len(tensors) == 1 and tensors[0] is net.fc1.weight and masks[0].dtype == net.fc1.weight.dtype
+    apply_masks((tensors, masks))
+    assert int((net.fc1.weight[0, :5] == 0).sum()) == 5 and int((net.fc1.weight == 0).sum()) == 5
