@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -294,6 +295,7 @@ def plot_sensitivity(table: Sensitivity, path: str | Path) -> Path:
     return Path(path)
 
 
+TIMING_ROUNDS = 3  # a whole file's latency: the median of this many medians (one spike does not move a plan)
 CALIBRATED = ("latency", "bytes")  # metrics of the exported file: what the per-layer sum leaves out is measured
 ROUNDS = 4  # allocations at most, each measured, while calibrating
 TOLERANCE = 0.05  # a measured figure this close under the target ends the calibration
@@ -394,7 +396,8 @@ def _file_figures(model: nn.Module, example: Tensor, batch_size: int, runs: int,
         else:
             smaller = remove_zero_channels(float_copy(model), example)[0]
             export_onnx(smaller, example, path)
-        return {"latency": ort_latency_ms(path, batch, runs=runs, warmup=5), "bytes": float(path.stat().st_size)}
+        rounds = [ort_latency_ms(path, batch, runs=runs, warmup=5) for _ in range(TIMING_ROUNDS)]
+        return {"latency": statistics.median(rounds), "bytes": float(path.stat().st_size)}
 
 
 def apply_plan(model: nn.Module, plan: Plan, batches: Sequence[tuple[Tensor, Tensor]]) -> nn.Module:
