@@ -297,7 +297,7 @@ def plot_sensitivity(table: Sensitivity, path: str | Path) -> Path:
 
 TIMING_ROUNDS = 3  # a whole file's latency: the median of this many medians (one spike does not move a plan)
 CALIBRATED = ("latency", "bytes")  # metrics of the exported file: what the per-layer sum leaves out is measured
-ROUNDS = 4  # allocations at most, each measured, while calibrating
+ROUNDS = 8  # allocations at most while calibrating (each distinct one exported and measured once)
 TOLERANCE = 0.05  # a measured figure this close under the target ends the calibration
 
 
@@ -315,8 +315,9 @@ def plan_model(
     """Choose per-layer settings of ``model`` (trained, dense, as the callbacks will see it) that meet ``target``.
 
     For ``latency`` and ``bytes`` (figures of the exported file) with ``calibrate``, each allocation is applied
-    one-shot, exported and measured, and the budget handed to the allocator is scaled by target / measured,
-    up to :data:`ROUNDS` times: the per-layer sum does not see that pruning a layer's channels shrinks the
+    one-shot, exported and measured, and the budget handed to the allocator is scaled by target / measured
+    until one budget's plan fits and another's does not, then bisected between them, up to :data:`ROUNDS`
+    allocations: the per-layer sum does not see that pruning a layer's channels shrinks the
     next layer's inputs, nor the cost of moving between float and int8 layers. The plan whose measured figure
     is closest to the target without exceeding it is returned (else the lowest measured), its ``measured``
     figures filled in.
@@ -347,16 +348,29 @@ def plan_model(
         budget = analysis.lowest(target.metric)
         plan = analysis.choose(target, budget)
     tried: list[Plan] = []
+    seen: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}  # a plan measured once, however many budgets
+    fits: float | None = None  # the largest budget whose plan measured within the goal
+    exceeds: float | None = None  # the smallest budget whose plan measured over it
+    lowest = analysis.lowest(target.metric)
     for _ in range(ROUNDS):
-        plan.measured = measure_plan(model, plan, batches, batch_size, runs)
-        tried.append(plan)
+        key = tuple(sorted((name, str(option)) for name, option in plan.options.items()))
+        if key not in seen:
+            seen[key] = measure_plan(model, plan, batches, batch_size, runs)
+            tried.append(plan)
+        plan.measured = seen[key]
         measured = plan.measured[target.metric]
         if goal * (1 - TOLERANCE) <= measured <= goal:
             break
-        lowest = analysis.lowest(target.metric)
-        if budget <= lowest and measured > goal:  # the cheapest options were measured: nothing smaller to try
-            break
-        budget = max(lowest, budget * goal / measured)  # below the cheapest options: try those
+        if measured <= goal:
+            fits = budget if fits is None else max(fits, budget)
+        else:
+            exceeds = budget if exceeds is None else min(exceeds, budget)
+            if budget <= lowest:  # the cheapest options were measured: nothing smaller to try
+                break
+        if fits is not None and exceeds is not None:  # bracketed: bisect (the measured figure is not a sum)
+            budget = (fits + exceeds) / 2
+        else:  # not yet: scale by what the file measured, never below the cheapest options
+            budget = max(lowest, budget * goal / measured)
         plan = analysis.choose(target, budget)
     fitting = [p for p in tried if p.measured[target.metric] <= goal]
     best = max(fitting, key=lambda p: p.measured[target.metric]) if fitting else min(
