@@ -87,7 +87,7 @@ class BudgetPlanner(CompressionCallback):
         self._state_key_suffix = state_key_suffix
         self.plan: dict[str, Any] | None = None  # what a checkpoint keeps: the settings and the figures
         self._techniques: list[str] = []
-        self._example: Tensor | None = None
+        self._train_batch: int | None = None  # the training batch size (latencies default to it)
 
     @property
     @override
@@ -132,8 +132,8 @@ class BudgetPlanner(CompressionCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._example is None:
-            self._example = batch_input(batch).detach()
+        if self._train_batch is None:
+            self._train_batch = len(batch_input(batch))
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
@@ -143,11 +143,9 @@ class BudgetPlanner(CompressionCallback):
         planned: dict[str, Any] | None = None
         if trainer.is_global_zero:
             batches = _validation_batches(trainer, self.batches)
-            batch_size = self.batch_size or (len(self._example) if self._example is not None else len(batches[0][1]))
-            was_training = pl_module.training
+            batch_size = self.batch_size or self._train_batch or len(batches[0][1])
             made = plan_model(float_copy(pl_module), batches, self.target, self._techniques, batch_size,
-                              cache=self.cache, runs=self.runs)  # fmt: skip
-            pl_module.train(was_training)
+                              cache=self.cache, runs=self.runs)  # fmt: skip  (a copy: the model is not touched)
             planned = _as_state(made)
         plan: dict[str, Any] = trainer.strategy.broadcast(planned, src=0)  # type: ignore[arg-type]  # None off rank 0
         self.plan = plan
@@ -187,7 +185,7 @@ class BudgetPlanner(CompressionCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        self._example = None
+        self._train_batch = None
 
 
 def _callbacks(

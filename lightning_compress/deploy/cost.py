@@ -294,18 +294,19 @@ class CostModel:
             except (OSError, ValueError, AttributeError):
                 self._latency = {}  # an unreadable cache is measured again
 
-    def _key(self, call: LayerCall, option: Option) -> str:
-        timed = Option(None if option.structure and option.structure.kind == "sparsity" else option.structure,
-                       8 if option.bits else None)  # fmt: skip  (sparsity: the dense time; any width: int8)
-        return f"{call.key()}|{timed}|b{self.batch_size}|t{self.threads}|{self.weight_type}|{self.where}"
+    @staticmethod
+    def timed(option: Option) -> Option:
+        """The option whose graph is timed for ``option``: sparsity runs at the dense time (no sparse kernels)
+        and every width below 8 as int8 (how it is stored)."""
+        sparse = option.structure is not None and option.structure.kind == "sparsity"
+        return Option(None if sparse else option.structure, 8 if option.bits else None)
 
     def latency_ms(self, call: LayerCall, option: Option) -> float:
         """The measured milliseconds of ``call`` under ``option`` at this batch size (cached)."""
-        key = self._key(call, option)
+        timed = self.timed(option)
+        key = f"{call.key()}|{timed}|b{self.batch_size}|t{self.threads}|{self.weight_type}|{self.where}"
         if key not in self._latency:
-            graph = layer_graph(call, Option(
-                None if option.structure and option.structure.kind == "sparsity" else option.structure, option.bits
-            ), self.batch_size, self.weight_type)  # fmt: skip
+            graph = layer_graph(call, timed, self.batch_size, self.weight_type)
             self._latency[key] = time_graph(graph, self.runs, threads=self.threads)
             self.measured += 1
         return self._latency[key]
