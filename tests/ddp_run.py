@@ -75,7 +75,7 @@ if __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     # per-layer settings too: a sparsity of its own, a rank of its own, a narrower width
     pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1, layer_sparsity={"net.conv1": 0.5})
-    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, layer_bits={"net.fc2": 4})
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, layer_bits={"net.fc2": 4}, calibration_batches=2)
     kd = KnowledgeDistillation(TinyModule(bn=True), alpha=0.5, features={"net.fc1": "net.fc2"})
     lowrank = LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"], ranks={"net.fc1": 6})
     export = CompressionExport(Path(sys.argv[1]) / "export", plots=False)

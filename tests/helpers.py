@@ -37,13 +37,48 @@ class TinyNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1)))) * scale
 
 
-class TinyModule(pl.LightningModule):
-    """A user-written LightningModule around :class:`TinyNet` (keyword-argument forward included)."""
+class Inverted(nn.Module):
+    """A user's own MobileNetV2-style block: ``x + (1x1 expand, BN, ReLU6, 1x1 project, BN)(x)``, the sum written
+    out of place or, as EfficientNet does, in place (``out += x``)."""
 
-    def __init__(self, lr: float = 0.05, optimizer: str = "sgd", bn: bool = False) -> None:
+    def __init__(self, channels: int, in_place: bool = False) -> None:
+        super().__init__()
+        wide = 2 * channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, wide, 1, bias=False), nn.BatchNorm2d(wide), nn.ReLU6(),
+            nn.Conv2d(wide, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+        self.in_place = in_place
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_place:
+            out = self.conv(x)
+            out += x
+            return out
+        return x + self.conv(x)
+
+
+class ResidualNet(nn.Module):
+    """Conv-BN stem, two :class:`Inverted` residual blocks, average pool and a Linear head (1x8x8 in, 4 classes)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.blocks = nn.Sequential(Inverted(8), Inverted(8, in_place=True))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+    def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
+        return self.head(self.blocks(self.stem(x))) * scale
+
+
+class TinyModule(pl.LightningModule):
+    """A user-written LightningModule around :class:`TinyNet` (keyword-argument forward included), or around
+    :class:`ResidualNet` with ``residual``."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "sgd", bn: bool = False, residual: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = TinyNet(bn=bn)
+        self.net: nn.Module = ResidualNet() if residual else TinyNet(bn=bn)
 
     def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
         return self.net(x, scale=scale)
@@ -159,6 +194,20 @@ def fit(
     t = trainer(callbacks=callbacks, **kwargs)
     t.fit(module, train, val, ckpt_path=ckpt_path)
     return t, module
+
+
+def digits_checkpoint(path: Path, model: str, epochs: int, **module_kwargs: Any) -> Path:
+    """A ``ClassificationModule(model)`` trained ``epochs`` epochs on digits (seed 0), saved the Lightning way."""
+    from lightning_compress import ClassificationModule
+    from lightning_compress.vision.data import get_datamodule
+
+    pl.seed_everything(0, verbose=False)
+    module = ClassificationModule(model, 10, 1, **module_kwargs)
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=get_datamodule("digits"))
+    trainer.save_checkpoint(path)
+    return path
 
 
 def weights(module: nn.Module) -> dict[str, Tensor]:

@@ -50,11 +50,12 @@ PLANNED = ("planned",)  # all four with per-layer settings, as a budget plan wri
 
 
 def planned(teacher: Any) -> list:
-    """Every technique with per-layer settings: ranks, sparsities (patterns that reach the factors) and bits."""
+    """Every technique with per-layer settings: ranks, sparsities (patterns that reach the factors) and bits;
+    QAT from calibrated ranges."""
     return [
         LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"], ranks={"net.fc1": 3}),
         MagnitudePruning(final_sparsity=0.6, end_epoch=2, layer_sparsity={"net.fc1*": 0.8, "net.conv1": 0.3}),
-        QuantizationAwareTraining(start_epoch=1, layer_bits={"net.fc2": 4, "net.fc1": 6}),
+        QuantizationAwareTraining(start_epoch=1, layer_bits={"net.fc2": 4, "net.fc1": 6}, calibration_batches=2),
         KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5),
     ]
 

@@ -147,3 +147,14 @@ def test_lightning_cli_example_runs_all_five_callbacks_and_refuses_a_bad_choice_
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "Expected a typing.Literal['global', 'layer', 'lamp']. Got value: globl" in bad.stderr
     assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_ptq_benchmark_smoke(tmp_path):
+    args = ["--models", "cnn_wide", "--data", "digits", "--epochs", "1", "--calibration", "64"]
+    stdout = run_benchmark("ptq.py", [*args, "--runs", "2", "--rounds", "1"], tmp_path)
+    assert "| cnn_wide | ORT quantize_static |" in stdout and "| cnn_wide | ours PTQ + CLE + BC |" in stdout
+    saved = json.loads((tmp_path / "ptq.json").read_text())["results"]["cnn_wide"]
+    assert all(saved[arm]["verified"] for arm in saved if arm.startswith("ours"))
+    assert saved["ours PTQ + CLE"]["pairs"] > 0 and saved["ours PTQ + BC"]["corrected"] > 0
+    assert saved["ours PTQ"]["bytes"] < 0.3 * saved["fp32"]["bytes"]

@@ -85,6 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--epochs", type=int, default=1, help="warm-up epochs before the analysis (default: 1)")
     plan.add_argument("--batches", type=int, default=4, help="validation batches the sensitivity uses (default: 4)")
     plan.add_argument("--runs", type=int, default=20, help="timed ONNX Runtime calls per latency (default: 20)")
+    quantize = commands.add_parser(
+        "quantize", help="post-training quantisation: calibrate a checkpoint's (or a trained recipe's) model on a "
+        "few batches, write the verified int8 bundle; override recipe keys with --a.b.c=VALUE", allow_abbrev=False,
+    )  # fmt: skip
+    quantize.add_argument("source", help="a checkpoint of lightning_compress's ClassificationModule, or a recipe YAML")
+    quantize.add_argument("--calib-batches", type=int, default=8, help="training batches to observe (default: 8)")
+    quantize.add_argument("--weight-bits", type=int, default=8, help="weight bits, 2-8 (default: 8)")
+    quantize.add_argument("--equalize", action="store_true", help="cross-layer equalisation first (Nagel et al. 2019)")
+    quantize.add_argument("--bias-correction", action="store_true", help="correct the bias weight quantisation shifts")
+    quantize.add_argument("--out", default="quantized", help="output folder (default: quantized)")
+    quantize.add_argument(
+        "--data", default=None, help="for a checkpoint: the data to calibrate and check on (default: what it records)"
+    )
+    quantize.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks")
+    quantize.add_argument("--int8-weights", choices=WEIGHT_TYPES, default="auto", help="as for `export`")
+    quantize.add_argument("--python-path", action="append", default=[], metavar="DIR", help="as for `fit`")
     export = commands.add_parser(
         "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
     )
@@ -114,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_lightning()
     args, extra = _parser().parse_known_args(argv)
-    if extra and args.command not in ("fit", "validate", "plan"):
+    if extra and args.command not in ("fit", "validate", "plan", "quantize"):
         _parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command in ("fit", "validate"):
@@ -133,6 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"wrote {args.out}: {len(done.options)} layers compressed; {metric} dense {done.dense[metric]:.6g}, "
                 f"predicted {done.predicted[metric]:.6g}, measured {measured:.6g}; planned in {done.seconds:.1f} s"
             )
+            return 0
+        if args.command == "quantize":
+            from lightning_compress.app.quantize import quantize_source
+
+            report = quantize_source(
+                args.source, args.out, args.calib_batches, args.weight_bits, args.equalize, args.bias_correction,
+                args.data, extra, args.python_path, not args.no_verify, args.int8_weights,
+            )  # fmt: skip
+            after, baseline = report["after"], report["baseline"]
+            line = f"wrote {', '.join(sorted(report['files']))} and report.json to {args.out}"
+            line += f"; int8 ONNX Runtime top-1 {100 * after.get('int8_ort_accuracy', 0.0):.2f}%"
+            if baseline:
+                line += f" (fp32 {100 * baseline['ort_accuracy']:.2f}%)"
+            print(line)
             return 0
         if args.command == "sweep":
             from lightning_compress.app.sweep import check_sweep, run_sweep

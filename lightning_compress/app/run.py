@@ -41,17 +41,17 @@ def export_checkpoint(
     from lightning_compress.vision.module import TRAINED_ON, ClassificationModule
 
     checkpoint = read_checkpoint(path)
-    model, hparams = _classification_module(path, checkpoint)
+    model, hparams = classification_module(path, checkpoint)
     before = float_copy(ClassificationModule(**hparams))
     baselines = {}
     if baseline:  # e.g. the dense run's checkpoint: what the compressed accuracy is compared with
-        baselines[Path(baseline).name] = _classification_module(baseline, read_checkpoint(baseline))[0]
+        baselines[Path(baseline).name] = classification_module(baseline, read_checkpoint(baseline))[0]
     trained_on = dict(checkpoint.get(TRAINED_ON) or {})
     data = data or trained_on.get("data") or "mnist5k"
     datamodule = built("--data", lambda: get_datamodule(data, batch_size=250))
     datamodule.setup("fit")
     val = [(x, y) for x, y in datamodule.val_dataloader()]
-    _check_data(path, trained_on, data, val)
+    check_data(path, trained_on, data, val)
     default = ["onnx", "checkpoint"] + (["onnx_int8"] if quantized_layers(model) else [])
     chosen = check_formats(formats, ("onnx", "onnx_int8", "checkpoint")) if formats else default
     if "onnx_int8" in chosen and not quantized_layers(model):
@@ -70,7 +70,7 @@ def export_checkpoint(
     return report
 
 
-def _classification_module(path: str, checkpoint: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+def classification_module(path: str, checkpoint: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The ``ClassificationModule`` a checkpoint of one describes, its weights restored; and its hyper-parameters."""
     from lightning_compress.deploy.restore import restore
     from lightning_compress.vision.module import ClassificationModule
@@ -88,7 +88,7 @@ def _classification_module(path: str, checkpoint: Mapping[str, Any]) -> tuple[An
     return restore(built("hyper_parameters", lambda: ClassificationModule(**hparams)), checkpoint).eval(), hparams
 
 
-def _check_data(path: str, trained_on: dict[str, Any], data: str, val: list[tuple[Any, Any]]) -> None:
+def check_data(path: str, trained_on: dict[str, Any], data: str, val: list[tuple[Any, Any]]) -> None:
     """Refuse validation data that is not what the checkpoint was trained on (its recorded data / input shape):
     the figures and checks would describe another data set."""
     if trained_on.get("data") not in (None, data):

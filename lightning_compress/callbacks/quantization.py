@@ -74,6 +74,12 @@ class QuantizationAwareTraining(CompressionCallback):
         fold_bn: fold Conv→BatchNorm pairs into the quantised weights.
         include: module-name patterns to quantise; default every Conv and Linear layer.
         exclude: module-name patterns to keep in float.
+        calibration_batches: with a positive number, the activation ranges start from a calibration: at
+            ``start_epoch``, before the first fake-quantised step, that many training batches run through the
+            model in eval mode with only the observers on (post-training calibration, as
+            :func:`~lightning_compress.core.quantization.calibrate` does), instead of from the first
+            training batch. Once per fit (a resumed fit keeps its ranges); each rank calibrates on its own
+            batches and the ranges are then made one (the union).
         layer_bits: ``{module name or pattern: weight bits}`` for layers with a bit-width of their own (mixed
             precision, e.g. ``{"net.features.0.*": 8, "net.classifier.*": 4}``); the rest take ``weight_bits``.
             A layer that is factorised later passes its bits on to its factors. Weights are stored as int8
@@ -106,6 +112,7 @@ class QuantizationAwareTraining(CompressionCallback):
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         layer_bits: dict[str, int] | None = None,
+        calibration_batches: int = 0,
         state_key_suffix: str = "",
     ) -> None:
         self.config = core.QuantConfig(weight_bits, activation_bits, per_channel, observer, fold_bn=fold_bn)
@@ -118,6 +125,10 @@ class QuantizationAwareTraining(CompressionCallback):
         self.include = check_names("include", include)
         self.exclude = check_names("exclude", exclude)
         self.layer_bits = check_layer_values("layer_bits", layer_bits, _fits_bits, "an integer from 2 to 8")
+        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 0:
+            raise config_error("calibration_batches", "a whole number of training batches >= 0", calibration_batches)
+        self.calibration_batches = calibration_batches
+        self.calibrated = False  # callback state: a resumed fit does not calibrate again
         self._bits: dict[str, int] = {}  # layer_bits resolved to the quantised layers (what a checkpoint keeps)
         self.float_layers: list[str] = []  # quantisable layers a plan keeps in float (see configure)
         self._state_key_suffix = state_key_suffix
@@ -156,7 +167,8 @@ class QuantizationAwareTraining(CompressionCallback):
             )
         layers = core.attach(pl_module, self.config, self.include, self.exclude)
         if stage == "fit":
-            self.float_layers = []  # a resumed fit loads its own list after this
+            self.float_layers = []  # a resumed fit loads its own list and `calibrated` after this
+            self.calibrated = False
         others = [name for name in select_layers(pl_module) if name not in layers]
         self._bits = per_layer("layer_bits", self.layer_bits or {}, layers, left_out=(others, LEFT_IN_FLOAT))
         core.set_weight_bits(pl_module, self._bits)
@@ -204,6 +216,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self.float_layers = sorted(set(layers) - set(chosen))
         core.keep_in_float(pl_module, self.float_layers)
         core.enable(pl_module, self._now["enabled"])
+        self._linked = False  # shared ranges, quantised sums and covered inputs follow the float layers
 
     def _link(self, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._linked:
@@ -218,9 +231,12 @@ class QuantizationAwareTraining(CompressionCallback):
         for name in core.leave_uncalled_in_float(pl_module, example):
             rank_zero_warn(f"QuantizationAwareTraining leaves {name!r} in float: its weight is read, never called")
         shared = core.share_ranges(pl_module, example)
+        sums = core.quantize_sums(pl_module, example)
+        covered = core.share_inputs(pl_module, example)
         rank_zero_info(
             f"QuantizationAwareTraining: {len(layers)} layers, {len(self._folded_bns)} BatchNorms folded, "
-            f"{len(shared)} output ranges shared with the next layer's input"
+            f"{len(shared)} output ranges shared with the next layer's input, {len(sums)} residual sums quantised, "
+            f"{len(covered)} inputs already quantised"
         )
 
     @override
@@ -229,9 +245,31 @@ class QuantizationAwareTraining(CompressionCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)  # the epoch's phase, once
         self._link(pl_module, batch)
+        if self._now["enabled"] and self.calibration_batches and not self.calibrated:
+            self._calibrate(trainer, pl_module)
         if self._now["bn_frozen"]:
             for bn in self._folded_bns:  # Lightning puts the model back in train mode every epoch
                 bn.eval()
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Observe the ranges on ``calibration_batches`` training batches before the first fake-quantised step."""
+        self.calibrated = True
+        loader = trainer.train_dataloader
+        if loader is None:
+            return
+        device = pl_module.device
+        inputs = []
+        for batch in loader:
+            inputs.append(batch_input(batch).to(device))
+            if len(inputs) == self.calibration_batches:
+                break
+        core.reset_observers(pl_module)
+        samples = core.observe(pl_module, inputs)
+        core.sync_observers(pl_module)
+        rank_zero_info(
+            f"QuantizationAwareTraining: activation ranges calibrated on {len(inputs)} training batches "
+            f"({samples} samples) before the first fake-quantised step"
+        )
 
     @override
     def on_validation_batch_start(
@@ -306,6 +344,7 @@ class QuantizationAwareTraining(CompressionCallback):
             "qat/observers_frozen": float(phase["observers_frozen"]),
             "qat/bn_frozen": float(phase["bn_frozen"]),
             "qat/quantized_layers": float(len(core.quantized_layers(pl_module))),
+            "qat/calibration_batches": float(self.calibration_batches if self.calibrated else 0),
         }
         if widths:
             figures["qat/range_mean"] = sum(widths) / len(widths)
@@ -321,11 +360,13 @@ class QuantizationAwareTraining(CompressionCallback):
             "bn_pairs": dict(self.bn_pairs),
             "layer_bits": dict(self._bits),
             "float_layers": list(self.float_layers),
+            "calibrated": self.calibrated,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.float_layers = list(state_dict.get("float_layers", []))
+        self.calibrated = bool(state_dict.get("calibrated", False))
         saved = state_dict.get("config")
         if saved is not None and core.QuantConfig.from_dict(saved) != self.config:
             rank_zero_info(

@@ -7,8 +7,12 @@ by module name (no tensors are kept):
 
 - ``bn_pairs``: which Conv/Linear output feeds a BatchNorm directly (pruning masks those
   BatchNorms along with the channels, quantisation folds them);
-- ``reaches``: where a module's output goes when it passes only through ReLU / MaxPool / Flatten /
+- ``reaches``: where a module's output goes when it passes only through ReLU / ReLU6 / MaxPool / Flatten /
   Identity / Dropout modules (quantisation then lets one range serve both ends);
+- ``sums``: the modules whose output is a sum of two tensors computed in their own ``forward`` (a residual
+  ``x + f(x)``, as in MobileNetV2 and EfficientNet blocks), which module hooks can quantise; the ops that code
+  outside the leaf modules runs are recorded during the same pass (a ``TorchFunctionMode``), so a tensor that
+  a module *and* such code consume is known to branch;
 - :meth:`ModelGraph.couplings`: groups of layers whose output channels are one set (they feed the
   same residual add), from Torch-Pruning's dependency graph, traced once on first use;
 - :meth:`ModelGraph.links`: where each layer's output channels land further on — in every BatchNorm
@@ -31,14 +35,16 @@ import signal
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from lightning_compress.core.layers import BN_TYPES, LAYER_TYPES, is_internal, weight_of
 
@@ -46,6 +52,23 @@ RANGE_PRESERVING_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
 )  # fmt: skip
+SCALE_PRESERVING_TYPES: tuple[type[nn.Module], ...] = (
+    *BN_TYPES, *RANGE_PRESERVING_TYPES, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.PReLU,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip  # modules a per-channel positive scale may pass (within limits: see core.equalization)
+
+
+
+
+def preserves_range(module: nn.Module) -> bool:
+    """Whether quantising ``module``'s input with the range observed at its output gives what quantising its
+    output gives: the :data:`RANGE_PRESERVING_TYPES`, and a ReLU6 / ``Hardtanh(a, b)`` with ``a <= 0 <= b``
+    (the output's range, which always holds 0, lies inside the clip, so clipping first changes no quantised
+    value: ONNX Runtime removes such a Clip before a QuantizeLinear)."""
+    if isinstance(module, RANGE_PRESERVING_TYPES):
+        return True
+    return isinstance(module, nn.Hardtanh) and module.min_val <= 0 <= module.max_val
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,20 @@ class ChannelLink:
         return self.index[channel] // (self.channels // self.groups)
 
 
+@dataclass(frozen=True)
+class Sum:
+    """A module whose output is the sum of two same-shaped tensors, computed by its own code (``x + f(x)``).
+
+    Attributes:
+        operands: for each of the two summands, the modules whose output it is (a leaf and the modules that
+            returned it, e.g. ``("features.3.conv.3", "features.3.conv")``; empty where no module made it).
+        consumers: the leaf modules that take the module's output as their input.
+    """
+
+    operands: tuple[tuple[str, ...], tuple[str, ...]]
+    consumers: tuple[str, ...]
+
+
 @dataclass
 class ModelGraph:
     """What one forward pass revealed about a model, by module name.
@@ -91,12 +128,23 @@ class ModelGraph:
             from a module's output along a single path through range-preserving modules.
         called: the leaf modules the forward pass called (a layer whose weight is read without calling
             the layer, as torchvision's Swin attention does, is not among them).
+        chains: ``{layer: (module, ..., next layer)}``: the Conv/Linear a layer's output reaches along a single
+            path of :data:`SCALE_PRESERVING_TYPES` modules (BatchNorm, ReLU, ReLU6, pooling, ...), the modules
+            passed on the way first (cross-layer equalisation's candidate pairs). A tensor also used by code
+            the module hooks do not see (``x + y``) ends no chain.
+        sums: ``{module: Sum}``, in call order: the modules (called once) whose output is a residual sum they
+            compute themselves (see :class:`Sum`).
+        inputs: ``{layer: (module, ...)}``: for each Conv/Linear called, the modules whose output is exactly its
+            input (a leaf, and the modules that returned that tensor unchanged; empty where code made it).
     """
 
     signature: tuple[tuple[str, str], ...]
     bn_pairs: dict[str, str] = field(default_factory=dict)
     reaches: dict[str, str] = field(default_factory=dict)
     called: set[str] = field(default_factory=set)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sums: dict[str, Sum] = field(default_factory=dict)
+    inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _couplings: list[list[str]] | None = None
     _entangled: dict[str, str] = field(default_factory=dict)
     _links: dict[str, list[ChannelLink]] = field(default_factory=dict)
@@ -236,44 +284,133 @@ class _Call:
 
     name: str
     version: int
+    source: int = 0  # the input's id
     result: Tensor | None = None
     result_version: int = 0
 
 
-def _module_calls(model: nn.Module, example: Any) -> tuple[dict[int, list[_Call]], dict[str, _Call], list[Any]]:
-    """One eval forward: the leaf-module calls consuming each tensor (by id), each module's last call,
-    and the tensors seen (kept alive by the caller so that their ids are not reused).
+Key = tuple[int, int]  # a tensor at one in-place version: (id, version)
+
+_SUM_OPS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+
+
+def _version(x: Tensor) -> int:
+    try:
+        return x._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return -1
+
+
+def _tensor_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Tensor]:
+    found = []
+    for arg in (*args, *kwargs.values()):
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(item, Tensor):
+                found.append(item)
+    return found
+
+
+class _Functional(TorchFunctionMode):
+    """Records, during the analysis forward, the tensors that code outside leaf modules consumes (``used``)
+    and the two-tensor sums it computes (``sums``: result -> the summands), by :data:`Key`."""
+
+    def __init__(self, keep: list[Any]) -> None:
+        super().__init__()
+        self.depth = 0  # > 0 inside a leaf module's call: its own ops are the module's business
+        self.used: set[Key] = set()
+        self.sums: dict[Key, tuple[Key, Key]] = {}
+        self.keep = keep
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.depth:
+            return func(*args, **kwargs)
+        inputs = [(x, (id(x), _version(x))) for x in _tensor_args(args, kwargs)]
+        result = func(*args, **kwargs)
+        if not isinstance(result, Tensor):  # shape queries and the like consume no data
+            return result
+        self.used.update(key for _, key in inputs)
+        self.keep.extend(x for x, _ in inputs)
+        summands = [x for x, _ in inputs]
+        if (
+            func in _SUM_OPS and len(inputs) == 2 and "alpha" not in kwargs and summands[0] is not summands[1]
+            and summands[0].shape == summands[1].shape == result.shape and result.is_floating_point()
+        ):  # fmt: skip
+            self.sums[(id(result), _version(result))] = (inputs[0][1], inputs[1][1])
+            self.keep.append(result)
+        return result
+
+
+@dataclass
+class _Pass:
+    """What :func:`_module_calls` saw."""
+
+    consumers: dict[int, list[_Call]]  # the leaf-module calls consuming each tensor (by id)
+    last: dict[str, _Call]  # each leaf module's last call
+    functional: _Functional
+    produced: dict[Key, list[str]]  # the modules (leaf or not) whose output a tensor is, innermost first
+    raw: dict[str, Key]  # each non-leaf module called once: its output before any forward hook
+    final: dict[str, Key]  # and after them (what the caller receives)
+    keep: list[Any]  # every tensor seen, kept alive so that ids are not reused
+
+
+def _module_calls(model: nn.Module, example: Any) -> _Pass:
+    """One eval forward, with every leaf module's and non-leaf module's calls recorded (see :class:`_Pass`).
 
     A Conv/Linear counts as a leaf consuming its input before any input quantiser; outputs are
     taken after forward hooks (what the next module really receives). Tensor versions tell an
     unseen in-place change (``out += identity``) from the tensor a module returned.
     """
-    consumers: dict[int, list[_Call]] = {}
-    last: dict[str, _Call] = {}
     keep: list[Any] = []
+    seen = _Pass({}, {}, _Functional(keep), {}, {}, {}, keep)
+    calls: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
-        leaf = next(module.children(), None) is None or isinstance(module, LAYER_TYPES)
-        if not leaf or is_internal(name, module):
+        if is_internal(name, module):
             continue
+        leaf = next(module.children(), None) is None or isinstance(module, LAYER_TYPES)
+        if leaf:
+            handles.append(module.register_forward_pre_hook(partial(_leaf_before, seen, name), prepend=True))
+        handles.append(module.register_forward_hook(partial(_raw_output, seen, calls, name, leaf), prepend=True))
+        handles.append(module.register_forward_hook(partial(_output, seen, name, leaf)))
+    with seen.functional:
+        _run_eval(model, example, handles)
+    for name, count in calls.items():
+        if count != 1:
+            seen.raw.pop(name, None)
+    return seen
 
-        def before(m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
-            x = args[0] if args else None
-            call = _Call(n, x._version if isinstance(x, Tensor) else -1)
-            if isinstance(x, Tensor):
-                consumers.setdefault(id(x), []).append(call)
-                keep.append(x)
-            last[n] = call
 
-        def after(m: nn.Module, args: tuple[Any, ...], out: Any, n: str = name) -> None:
-            if isinstance(out, Tensor):
-                last[n].result, last[n].result_version = out, out._version
-                keep.append(out)
+def _leaf_before(seen: _Pass, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0] if args else None
+    call = _Call(name, _version(x) if isinstance(x, Tensor) else -1, id(x))
+    if isinstance(x, Tensor):
+        seen.consumers.setdefault(id(x), []).append(call)
+        seen.keep.append(x)
+    seen.last[name] = call
+    seen.functional.depth += 1
 
-        handles.append(module.register_forward_pre_hook(before, prepend=True))
-        handles.append(module.register_forward_hook(after))
-    _run_eval(model, example, handles)
-    return consumers, last, keep
+
+def _raw_output(seen: _Pass, calls: dict[str, int], name: str, leaf: bool, m: nn.Module, a: Any, out: Any) -> None:
+    if leaf:
+        return
+    calls[name] = calls.get(name, 0) + 1
+    if isinstance(out, Tensor):
+        seen.raw[name] = (id(out), _version(out))
+        seen.keep.append(out)
+
+
+def _output(seen: _Pass, name: str, leaf: bool, m: nn.Module, a: Any, out: Any) -> None:
+    if leaf:  # the last hook of the call: its quantisers' ops were the module's too
+        seen.functional.depth -= 1
+    if not isinstance(out, Tensor):
+        return
+    if leaf:
+        seen.last[name].result, seen.last[name].result_version = out, _version(out)
+    else:
+        seen.final[name] = (id(out), _version(out))
+    seen.produced.setdefault((id(out), _version(out)), []).append(name)
+    seen.keep.append(out)
 
 
 def _run_eval(model: nn.Module, example: Any, handles: list[Any]) -> None:
@@ -291,11 +428,14 @@ def _run_eval(model: nn.Module, example: Any, handles: list[Any]) -> None:
 
 
 def _build(model: nn.Module, example: Any, structure: tuple[tuple[str, str], ...]) -> ModelGraph:
-    consumers, last, _keep = _module_calls(model, example)
+    seen = _module_calls(model, example)
+    consumers, last, used = seen.consumers, seen.last, seen.functional.used
     modules = dict(model.named_modules())
     graph = ModelGraph(structure)
     graph.called = set(last)
     for name, produced in last.items():
+        if isinstance(modules[name], LAYER_TYPES):
+            graph.inputs[name] = tuple(seen.produced.get((produced.source, produced.version), []))
         if produced.result is None:
             continue
         if isinstance(modules[name], LAYER_TYPES):
@@ -303,28 +443,51 @@ def _build(model: nn.Module, example: Any, structure: tuple[tuple[str, str], ...
                 if call.version == produced.result_version and isinstance(modules[call.name], BN_TYPES):
                     graph.bn_pairs[name] = call.name
                     break
-        reached = _reach(produced, consumers, modules)
+        reached = _path(produced, consumers, used, modules, preserves_range)
         if reached is not None:
-            graph.reaches[name] = reached
+            graph.reaches[name] = reached[-1]
+        chain = _path(produced, consumers, used, modules, lambda m: isinstance(m, SCALE_PRESERVING_TYPES))
+        if chain is not None and isinstance(modules[name], LAYER_TYPES) and isinstance(modules[chain[-1]], LAYER_TYPES):
+            graph.chains[name] = chain
+    claimed: set[Key] = set()
+    for name, raw in seen.raw.items():  # in the order the calls returned: inner modules first
+        summands = seen.functional.sums.get(raw)
+        if summands is None or raw in claimed:  # (an outer module returning an inner module's sum: the inner's)
+            continue
+        claimed.add(raw)
+        final = seen.final.get(name, raw)
+        takers = tuple(c.name for c in consumers.get(final[0], []) if c.version == final[1])
+        operands = [tuple(seen.produced.get(key, [])) for key in summands]
+        graph.sums[name] = Sum((operands[0], operands[1]), takers)
     return graph
 
 
-def _reach(produced: _Call, consumers: Mapping[int, list[_Call]], modules: Mapping[str, nn.Module]) -> str | None:
-    """The first module that is not range-preserving on the single path from ``produced``'s output."""
+def _path(
+    produced: _Call, consumers: Mapping[int, list[_Call]], used: set[Key], modules: Mapping[str, nn.Module],
+    passing: Callable[[nn.Module], bool],
+) -> tuple[str, ...] | None:  # fmt: skip
+    """The modules on the single path from ``produced``'s output through modules ``passing`` accepts, ending with the
+    first module it does not; ``None`` where the path branches (also into code outside the modules: ``used``) or
+    ends first."""
     tensor, version = produced.result, produced.result_version
     followed: set[int] = set()
+    path: list[str] = []
     while tensor is not None:
+        if (id(tensor), version) in used:
+            return None
         calls = [c for c in consumers.get(id(tensor), []) if c.version == version and id(c) not in followed]
-        in_place = [c for c in calls if c.result is tensor and isinstance(modules[c.name], RANGE_PRESERVING_TYPES)]
+        in_place = [c for c in calls if c.result is tensor and passing(modules[c.name])]
         if len(in_place) == 1:  # an in-place ReLU (one version later) or an Identity (the same tensor) goes on
             followed.add(id(in_place[0]))
             version = in_place[0].result_version
+            path.append(in_place[0].name)
             continue
         if len(calls) != 1:
             return None
         call = calls[0]
-        if not isinstance(modules[call.name], RANGE_PRESERVING_TYPES):
-            return call.name
+        path.append(call.name)
+        if not passing(modules[call.name]):
+            return tuple(path)
         tensor, version = call.result, call.result_version
     return None
 

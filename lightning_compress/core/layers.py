@@ -17,6 +17,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar, cast
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -36,6 +37,16 @@ class Internal:
 def is_internal(name: str, module: nn.Module) -> bool:
     """Whether ``module`` (named ``name`` in its model) is this package's or a parametrization container."""
     return isinstance(module, Internal) or ".parametrizations" in f".{name}"
+
+
+def bn_fold_factor(bn: nn.Module) -> Tensor:
+    """``gamma / sqrt(running_var + eps)`` of a BatchNorm: what folding multiplies each output channel by."""
+    var = cast(Tensor, bn.running_var)
+    factor = torch.rsqrt(var + cast(float, bn.eps))
+    if bn.weight is not None:
+        factor = factor * cast(Tensor, bn.weight)
+    # A zero factor (gamma pruned to 0) would divide by zero: that channel is quantised unfolded.
+    return torch.where(factor.abs() < 1e-12, torch.ones_like(factor), factor)
 
 
 def weight_of(module: nn.Module) -> Tensor:

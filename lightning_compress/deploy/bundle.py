@@ -47,6 +47,7 @@ def write_bundle(
     baselines: Mapping[str, nn.Module] | None = None,
     logits_fn: LogitsFn | None = None,
     int8_weights: WeightType = "auto",
+    sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` in ``formats`` into ``folder``, verify the ONNX files, and write the report.
 
@@ -73,6 +74,7 @@ def write_bundle(
             tensor, a ``logits`` key or attribute, or a tuple's first element).
         int8_weights: how the int8 file stores its weights (``auto``, ``int8``, ``uint8``; see
             :mod:`lightning_compress.deploy.cpu`); the report's ``files.onnx_int8`` says which and why.
+        sections: more top-level report sections (e.g. ``calibration``, from post-training quantisation).
 
     Returns:
         The report (also in ``report.json``).
@@ -89,7 +91,7 @@ def write_bundle(
     model.eval()  # the reference outputs: running statistics, observers still
     try:
         with replaced(folder) as tmp:  # the folder as a whole: the old bundle or the new one, never a mix
-            settings = (verify, physical, plots, dict(baselines or {}), logits_fn, weights)
+            settings = (verify, physical, plots, dict(baselines or {}), logits_fn, weights, dict(sections or {}))
             report = _bundle(model, before, tmp, example, list(val), formats, checkpoint, *settings)
             for scratch in (".before.onnx", ".baseline.onnx"):
                 (tmp / scratch).unlink(missing_ok=True)
@@ -114,6 +116,7 @@ def _bundle(
     model: nn.Module, before: nn.Module, tmp: Path, example: Tensor, val: list[tuple[Tensor, Tensor]],
     formats: Sequence[str], checkpoint: Mapping[str, Any] | None, verify: bool, physical: bool, plots: bool,
     baselines: dict[str, nn.Module], logits_fn: LogitsFn | None, weights: tuple[StoredType, str],
+    sections: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     batch = val[0][0] if val else example
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -190,6 +193,7 @@ def _bundle(
         "after": figures_after, "files": files, "verification": checks, "structure": structure,
         "layers": rep.layer_rows(model),
         "baseline": _baseline(baselines, before, figures_before, tmp, example, val, logits_fn) if compared else None,
+        **sections,
     }  # fmt: skip
     rep.write(report, tmp, with_plots=plots)
     return report

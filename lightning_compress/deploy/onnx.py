@@ -81,20 +81,30 @@ class LayerQuant:
         weight_scale: the symmetric scale(s) of the (BatchNorm-folded, masked) weight as trained: one
             per output channel (in the original numbering) or one.
         bn: the name of the BatchNorm folded into the weight, if any.
-        input_qdq: the input's fixed-range quantiser.
+        input_qdq: the input's fixed-range quantiser, or ``None`` where its input is already quantised
+            (:func:`~lightning_compress.core.quantization.covered_inputs`).
         output_qdq: the output's, or ``None`` where the next layer's input range serves it.
     """
 
     bits: int
     weight_scale: Tensor
     bn: str | None
-    input_qdq: nn.Module
+    input_qdq: nn.Module | None
     output_qdq: nn.Module | None
 
 
+@dataclass(frozen=True)
+class SumQuant:
+    """What the int8 export needs of one quantised residual sum (see
+    :func:`~lightning_compress.core.quantization.quantize_sums`): its fixed-range quantiser."""
+
+    qdq: nn.Module
+
+
 @torch.no_grad()
-def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[str, LayerQuant]:
-    """``{layer: LayerQuant}`` for every fake-quantised layer of ``model``.
+def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[str, LayerQuant | SumQuant]:
+    """``{layer: LayerQuant}`` for every fake-quantised layer of ``model``, and ``{module: SumQuant}`` for every
+    quantised residual sum.
 
     Args:
         model: the trained model with its QAT state.
@@ -111,16 +121,19 @@ def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[
             "HINT: train with QuantizationAwareTraining, or export with int8=False"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    shared = set(q.shared_range_layers(model, example_input.to(device)))  # as the QAT callback did on its first batch
+    example = example_input.to(device)
+    shared = set(q.shared_range_layers(model, example))  # as the QAT callback did on its first batch
+    covered = set(q.covered_inputs(model, example))
     names = {id(m): n for n, m in model.named_modules()}
-    plan: dict[str, LayerQuant] = {}
+    plan: dict[str, LayerQuant | SumQuant] = {}
     for name, layer in layers.items():
         quant = q.weight_quantizer(layer)
         if not bool(quant.enabled):  # left in float (never reached by forward): float in the file too
             continue
         inputs, outputs = getattr(layer, q.INPUT_QUANT), getattr(layer, q.OUTPUT_QUANT)
         bypass = outputs.bypass or name in shared
-        for attr, observer, needed in ((q.INPUT_QUANT, inputs, True), (q.OUTPUT_QUANT, outputs, not bypass)):
+        covers = name not in covered
+        for attr, observer, needed in ((q.INPUT_QUANT, inputs, covers), (q.OUTPUT_QUANT, outputs, not bypass)):
             if needed and not observer.initialised:
                 raise CompressionConfigError(f"activation observer {name}.{attr} never saw data: cannot export int8")
         bn = names[id(quant.bn)] if quant.bn is not None else None
@@ -129,13 +142,21 @@ def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[
         if bn is not None:
             weight = _fold_bn_into(plain, fp32.get_submodule(bn), weight)[0]
         scale = q.weight_scale(weight, quant.bits, quant.per_channel).cpu()
-        plan[name] = LayerQuant(quant.bits, scale, bn, inputs.constant(), None if bypass else outputs.constant())
+        input_qdq = inputs.constant() if covers else None
+        plan[name] = LayerQuant(quant.bits, scale, bn, input_qdq, None if bypass else outputs.constant())
+    for name, module in q.quantized_sums(model).items():
+        quantizer = getattr(module, q.SUM_QUANT)
+        if not bool(quantizer.enabled):
+            continue
+        if not quantizer.initialised:
+            raise CompressionConfigError(f"activation observer {name}.{q.SUM_QUANT} never saw data: cannot export int8")
+        plan[name] = SumQuant(quantizer.constant())
     return plan
 
 
 @torch.no_grad()
 def apply_int8(
-    fp32: nn.Module, plan: Mapping[str, LayerQuant], removed: Mapping[str, list[int]] | None = None
+    fp32: nn.Module, plan: Mapping[str, LayerQuant | SumQuant], removed: Mapping[str, list[int]] | None = None
 ) -> nn.Module:
     """Turn a :func:`float_copy` (possibly with channels removed) into the model an int8 QDQ export needs, in place.
 
@@ -151,6 +172,9 @@ def apply_int8(
     """
     removed = removed or {}
     for name, spec in plan.items():
+        if isinstance(spec, SumQuant):
+            q.set_sum_quantizer(fp32.get_submodule(name), copy.deepcopy(spec.qdq))
+            continue
         layer = fp32.get_submodule(name)
         weight = weight_of(layer).detach().clone()
         if spec.bn is not None:  # the BatchNorm's effect moves into the layer
@@ -164,7 +188,7 @@ def apply_int8(
             raise RuntimeError(f"int8 export: {name} has {weight.shape[0]} output channels but {scale.numel()} scales")
         layer.weight = nn.Parameter(q.fake_quant_weight(weight, scale, spec.bits))  # on the grid
         _constant_weight_qdq(layer, scale)
-        q.set_input_quantizer(layer, copy.deepcopy(spec.input_qdq))
+        q.set_input_quantizer(layer, nn.Identity() if spec.input_qdq is None else copy.deepcopy(spec.input_qdq))
         output = nn.Identity() if spec.output_qdq is None else copy.deepcopy(spec.output_qdq)
         q.set_output_quantizer(layer, layer, output)
     return fp32

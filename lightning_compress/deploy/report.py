@@ -20,7 +20,12 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
   where the SQNR rule failed and the model was run in float64);
 - ``structure``: ``physical`` (channels removed), ``removed_channels``, ``reason`` (why not);
 - ``layers``: one row per Conv/Linear layer: ``name``, ``sparsity``, ``rank`` (low-rank factors),
-  ``weight_bits`` (fake-quantised layers).
+  ``weight_bits``, ``scales`` (``observed``) and ``observed_batches`` (the batches its activation ranges were
+  observed on: calibration batches, or QAT steps) for fake-quantised layers, ``None`` for the others;
+- ``calibration`` (post-training quantisation only, :mod:`lightning_compress.app.quantize`): ``batches``,
+  ``samples``, ``scales``, ``weight_bits``, ``equalized_pairs`` / ``equalization_skipped`` /
+  ``equalization_max_change`` / ``clipped_pairs`` (``None`` without equalisation), ``bias_corrected``
+  (``{layer: largest correction}``), ``bias_uncorrected``, ``float_layers``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.layers import select_layers, weight_of
 from lightning_compress.core.low_rank import LowRank
-from lightning_compress.core.quantization import quantized_layers, weight_quantizer
+from lightning_compress.core.quantization import INPUT_QUANT, OUTPUT_QUANT, quantized_layers, weight_quantizer
 from lightning_compress.deploy.measure import summarize
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of, require
 
@@ -54,7 +59,8 @@ def model_figures(model: nn.Module, example_input: Tensor) -> dict[str, float]:
 
 
 def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
-    """Per Conv/Linear layer: sparsity (from the tensors), low-rank factor rank, weight bits."""
+    """Per Conv/Linear layer: sparsity (from the tensors), low-rank factor rank, weight bits, how its scales
+    were set and on how many batches its ranges were observed."""
     quantized = quantized_layers(model)
     first_factors = {f"{name}.0" for name, m in model.named_modules() if isinstance(m, LowRank)}
     rows = []
@@ -63,8 +69,15 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "sparsity": float((weight == 0).float().mean())}
         row["rank"] = int(weight.shape[0]) if name in first_factors else None  # the factorisation's (input) rank
         row["weight_bits"] = int(weight_quantizer(layer).bits) if name in quantized else None
+        row["scales"] = "observed" if name in quantized else None
+        row["observed_batches"] = _observed(layer) if name in quantized else None
         rows.append(row)
     return rows
+
+
+def _observed(layer: nn.Module) -> int:
+    """How many batches the layer's activation ranges saw (an input that another quantiser covers sees none)."""
+    return max(int(getattr(layer, attr).updates) for attr in (INPUT_QUANT, OUTPUT_QUANT))
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -100,15 +113,23 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"Layer by layer: {layers['compared']} quantised tensors compared; the most different is "
                 f"{layers['worst']} ({layers['worst_off_share']:.2%} of elements more than one step apart)."
             )
+    calibration = report.get("calibration")
+    if calibration:
+        pairs = calibration["equalized_pairs"]
+        lines += ["", f"Post-training quantisation: ranges observed on {calibration['batches']} batches "
+                  f"({calibration['samples']} samples); cross-layer equalisation: "
+                  f"{'off' if pairs is None else f'{len(pairs)} pairs'}; bias correction: "
+                  f"{len(calibration['bias_corrected'])} layers."]  # fmt: skip
     structure = report["structure"]
     lines += ["", f"Channels removed physically: {structure['physical']}"]
     if structure.get("reason"):
         lines.append(f"Masks kept: {structure['reason']}")
-    lines += ["", "| layer | sparsity | rank | weight bits |", "|---|---|---|---|"]
+    lines += ["", "| layer | sparsity | rank | weight bits | scales (batches observed) |", "|---|---|---|---|---|"]
     for row in report["layers"]:
         rank = row["rank"] if row["rank"] is not None else "—"
         bits = row["weight_bits"] if row["weight_bits"] is not None else "—"
-        lines.append(f"| {row['name']} | {row['sparsity']:.3f} | {rank} | {bits} |")
+        scales = f"{row['scales']} ({row['observed_batches']})" if row.get("scales") else "—"
+        lines.append(f"| {row['name']} | {row['sparsity']:.3f} | {rank} | {bits} | {scales} |")
     return "\n".join(lines) + "\n"
 
 

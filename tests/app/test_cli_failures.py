@@ -5,14 +5,13 @@ import os
 import pickle
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lightning_compress import ClassificationModule, get_datamodule
 from lightning_compress.app.cli import main
+from tests import helpers
 
 QUICKSTART = str(Path(__file__).resolve().parents[2] / "recipes" / "digits" / "quickstart.yaml")
 
@@ -20,14 +19,7 @@ QUICKSTART = str(Path(__file__).resolve().parents[2] / "recipes" / "digits" / "q
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory) -> Path:
     """A cnn_tiny trained one epoch on digits (8x8), saved the Lightning way."""
-    pl.seed_everything(0, verbose=False)
-    module = ClassificationModule("cnn_tiny", 10, 1)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
-    trainer.fit(module, datamodule=get_datamodule("digits"))
-    path = tmp_path_factory.mktemp("ckpt") / "digits.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return helpers.digits_checkpoint(tmp_path_factory.mktemp("ckpt") / "digits.ckpt", "cnn_tiny", 1)
 
 
 def failure(capsys, argv: list[str], code: int = 2) -> str:

@@ -9,6 +9,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_compress import CompressionConfigError, MagnitudePruning, QuantizationAwareTraining, export_onnx
 from lightning_compress.core import quantization as q
 from lightning_compress.core.layers import select_layers, weight_of
+from lightning_compress.deploy.onnx import float_copy, int8_copy, pick_logits
+from lightning_compress.deploy.verify import verify_int8
 from tests.helpers import Attending, TinyModule, fit, loaders, logged_metrics, sequences, trainer
 
 
@@ -94,23 +96,68 @@ def test_logs_qat_figures(tmp_path):
     assert float(metrics["qat/quantized_layers"]) == 4.0 and float(metrics["qat/range_max"]) > 0
 
 
-def test_resume_inside_qat_continues_with_the_same_observer_state(tmp_path):
+@pytest.mark.parametrize("residual", [False, True], ids=["tiny", "residual"])
+def test_resume_inside_qat_continues_with_the_same_observer_state(tmp_path, residual):
     def run(ckpt_path=None, subdir="a"):
         qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=3)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / subdir, save_top_k=-1, every_n_epochs=1)
-        _, module = fit(
-            [qat, checkpoint], module=TinyModule(bn=True), max_epochs=4, ckpt_path=ckpt_path, enable_checkpointing=True
-        )
+        module = TinyModule(bn=True, residual=residual)
+        _, module = fit([qat, checkpoint], module=module, max_epochs=4, ckpt_path=ckpt_path, enable_checkpointing=True)
         return module
 
     full = run()
     mid = tmp_path / "a" / "epoch=1-step=16.ckpt"
     saved = torch.load(mid, weights_only=True)["state_dict"]
-    assert bool(saved["net.conv1.input_quant.enabled"]) and "net.conv1.parametrizations.weight.original" in saved
+    first = "net.stem.0" if residual else "net.conv1"
+    assert bool(saved[f"{first}.input_quant.enabled"]) and f"{first}.parametrizations.weight.original" in saved
+    if residual:  # quantised residual sums (attached on the first batch) are in the checkpoint, and trained
+        assert bool(saved["net.blocks.1.sum_quant.enabled"]) and list(q.quantized_sums(full)) == [
+            "net.blocks.0", "net.blocks.1"
+        ]  # fmt: skip
+        batch = next(iter(loaders()[1]))[0]
+        full.eval()  # (a training-mode call would move the ranges)
+        path = export_onnx(full, batch[:1], tmp_path / "residual.int8.onnx", int8=True)
+        with torch.no_grad():
+            fake_quant, floats = full(batch), float_copy(full)(batch)
+        verify_int8(path, int8_copy(full, batch[:1]), batch, fake_quant, floats, pick_logits)  # raises if off
     resumed = run(ckpt_path=mid, subdir="b")
     assert q.observer_ranges(resumed) == q.observer_ranges(full)
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+class FirstStepRanges(pl.Callback):
+    """The observer update count of ``net.conv1``'s input at the start of every training batch (after QAT's hook)."""
+
+    def __init__(self) -> None:
+        self.updates: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.updates.append(int(getattr(pl_module.net.conv1, q.INPUT_QUANT).updates))
+
+
+def test_qat_starts_from_ranges_calibrated_on_training_batches_once_per_fit(tmp_path):
+    def run(ckpt_path=None, subdir="a"):
+        qat = QuantizationAwareTraining(start_epoch=1, calibration_batches=3)
+        probe = FirstStepRanges()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / subdir, save_top_k=-1, every_n_epochs=1)
+        logger = CSVLogger(tmp_path / subdir)
+        _, module = fit([qat, probe, checkpoint], module=TinyModule(bn=True), max_epochs=3, ckpt_path=ckpt_path,
+                        enable_checkpointing=True, logger=logger)  # fmt: skip
+        return module, probe.updates, logger
+
+    full, updates, logger = run()
+    steps = 8  # 128 samples, batches of 16
+    assert updates[:steps] == [0] * steps  # fp32 epoch: nothing observed
+    assert updates[steps] == 3  # the first fake-quantised step starts from 3 calibration batches
+    assert updates[steps + 1 :] == list(range(4, 4 + 2 * steps - 1))  # then one update per step
+    assert float(logged_metrics(logger, "qat/")["qat/calibration_batches"]) == 3
+    resumed, again, _ = run(ckpt_path=tmp_path / "a" / "epoch=1-step=16.ckpt", subdir="b")
+    assert again[0] == 3 + steps  # a resumed fit keeps its ranges: no second calibration
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    with pytest.raises(CompressionConfigError, match="`calibration_batches` must be a whole number"):
+        QuantizationAwareTraining(calibration_batches=-1)
 
 
 def test_test_from_a_qat_checkpoint(tmp_path):

@@ -10,7 +10,7 @@ from lightning_compress.core import quantization as q
 from lightning_compress.core.graph import coupled_layers, find_bn_pairs
 from lightning_compress.core.layers import select_layers
 from lightning_compress.core.surgery import swap_modules
-from tests.helpers import TinyNet
+from tests.helpers import ResidualNet, TinyNet
 
 
 def test_batchnorm_pairs_are_found_by_matching_tensors():
@@ -160,3 +160,30 @@ def test_links_and_segments_of_a_grouped_convolution():
     assert graph.channel_segments(links["2"], 6) == [0, 0, 0, 1, 1, 1]  # its own outputs, in 2 groups
     assert graph.channel_segments(links.get("3", []), 4) is None and graph.is_grouped(model[2])
     assert not graph.is_grouped(nn.Conv2d(8, 8, 3, groups=8))  # depthwise channels go one by one
+
+
+class NotSums(nn.Module):
+    """Additions that are no residual sum of the block: a constant, a broadcast, a ReLU after the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.relu(y + x) + 1.0 + y.mean((2, 3), keepdim=True)
+
+
+def test_sums_are_the_residual_additions_a_block_computes_itself():
+    net, x = ResidualNet(), torch.randn(2, 1, 8, 8)
+    found = graph.analyze(net, x)
+    assert list(found.sums) == ["blocks.0", "blocks.1"]  # not `blocks`, which only returns blocks.1's sum
+    first, second = found.sums["blocks.0"], found.sums["blocks.1"]
+    assert {"stem.1", "stem"} <= set(first.operands[0]) and "blocks.0.conv.4" in first.operands[1]
+    assert first.consumers == ("blocks.1.conv.0",)
+    assert "blocks.1.conv.4" in second.operands[0] and "blocks.0" in second.operands[1]  # in place: out += x
+    assert second.consumers == ("head.0",)
+    # the stem's output also goes into the sum: it reaches no single module, so no range is shared across it
+    assert "stem.1" not in found.reaches and found.reaches["blocks.0.conv.1"] == "blocks.0.conv.3"
+    assert graph.analyze(NotSums(), torch.randn(2, 4, 3, 3)).sums == {}

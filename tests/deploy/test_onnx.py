@@ -270,3 +270,48 @@ def test_a_pruned_channel_keeps_its_bias_in_int8(tmp_path, batches, trained):
     got = session(tmp_path / "m.int8.onnx").run(None, {"input": x.numpy()})[0]
     step = linear.output_quant.qparams()[0]
     assert np.abs(got[:, 0] - expected[:, 0]).max() <= step * 1.001  # not clipped to ±2**31 steps of ~0
+
+
+def test_relu6_between_layers_shares_one_range_and_runs_as_one_integer_chain(tmp_path, batches):
+    """Conv-BN-ReLU6 (MobileNet's block): the next layer's input range serves the Conv's output, so the
+    file has one QuantizeLinear per tensor, ONNX Runtime drops the Clip into the quantisation and runs
+    the chain on integer kernels, and the file still agrees with the fake-quant model within one step."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(inplace=True),
+        torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.BatchNorm2d(8), torch.nn.Hardtanh(-1.0, 6.0),
+        torch.nn.Conv2d(8, 4, 1), torch.nn.Hardtanh(0.5, 2.0), torch.nn.Flatten(), torch.nn.LazyLinear(10),
+    )  # fmt: skip
+    net(batches[0][:2])
+    q.calibrate(net, batches[:2])
+    assert q.share_ranges(net, batches[0][:2]) == ["0", "3"]  # Hardtanh(0.5, 2) clips 0: its input keeps a range
+    path = export_onnx(net, batches[0][:1], tmp_path / "relu6.int8.onnx", int8=True)
+    run = session(path, optimized=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 1 and not FLOAT_COMPUTE & set(ops), ops
+    assert ops.count("Clip") == 1  # only Hardtanh(0.5, 2): a float clip between a DQ and a Q
+    step = net[9].output_quant.qparams()[0]
+    with torch.no_grad():
+        expected = net(batches[3]).numpy()
+    assert np.abs(run.run(None, {"input": batches[3].numpy()})[0] - expected).max() <= step * 1.001
+
+
+def test_residual_sums_run_as_integer_adds_and_agree_within_one_step(tmp_path):
+    """A user's MobileNetV2-style blocks (``x + f(x)``, and EfficientNet's in-place ``out += x``): the sums of two
+    quantised tensors are quantised too, so ONNX Runtime adds them with QLinearAdd, every Conv runs on integer
+    kernels, and the file agrees with the fake-quant model within one step of its output."""
+    from tests.helpers import ResidualNet
+
+    torch.manual_seed(0)
+    net, images = ResidualNet(), torch.randn(96, 1, 8, 8)
+    done = q.calibrate(net, [images[i : i + 32] for i in range(0, 64, 32)])
+    assert done.sums == ["blocks.0", "blocks.1"]
+    path = export_onnx(net, images[:1], tmp_path / "residual.int8.onnx", int8=True)
+    run = session(path, optimized=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearAdd") == 2 and "Add" not in ops and not FLOAT_COMPUTE & set(ops), ops
+    assert ops.count("QLinearConv") == 5, ops
+    step = net.head[2].output_quant.qparams()[0]
+    with torch.no_grad():
+        expected = net(images[64:]).numpy()
+    assert np.abs(run.run(None, {"input": images[64:].numpy()})[0] - expected).max() <= step * 1.001

@@ -1,17 +1,20 @@
 """Quantisation-aware training core: settings, fake-quant ops, and attaching them to a model.
 
-No Lightning, and nothing from torch's deprecated eager/FX quantisation package. Three modules:
+No Lightning, and nothing from torch's deprecated eager/FX quantisation package. Four modules:
 :mod:`~lightning_compress.core.quantization.config` (:class:`QuantConfig`),
-:mod:`~lightning_compress.core.quantization.fake_quant` (the ops and quantiser modules) and
+:mod:`~lightning_compress.core.quantization.fake_quant` (the ops and quantiser modules),
 :mod:`~lightning_compress.core.quantization.attachment` (putting them on a model's Conv/Linear layers
-without replacing ``forward``, enabling, freezing, stripping). Every public name of the three is
+without replacing ``forward``, enabling, freezing, stripping), and
+:mod:`~lightning_compress.core.quantization.ptq` (post-training calibration). Every public name of the four is
 importable from here.
 """
 
 from lightning_compress.core.quantization.attachment import (
     INPUT_QUANT,
     OUTPUT_QUANT,
+    SUM_QUANT,
     attach,
+    covered_inputs,
     enable,
     folded_batchnorms,
     freeze_bn,
@@ -21,14 +24,19 @@ from lightning_compress.core.quantization.attachment import (
     leave_uncalled_in_float,
     link_batchnorms,
     observer_ranges,
+    quantize_sums,
     quantized_layers,
+    quantized_sums,
     saturation,
     set_input_quantizer,
     set_output_quantizer,
+    set_sum_quantizer,
     set_weight_bits,
+    share_inputs,
     share_ranges,
     shared_range_layers,
     strip,
+    sum_modules,
     sync_observers,
     unparametrize_weight,
     watch_saturation,
@@ -47,19 +55,33 @@ from lightning_compress.core.quantization.fake_quant import (
     weight_qmax,
     weight_scale,
 )
+from lightning_compress.core.quantization.ptq import (
+    PTQ_CONFIG,
+    Calibration,
+    calibrate,
+    correct_bias,
+    observe,
+    reset_observers,
+)
 
 __all__ = [
     "BN_TYPES",
     "INPUT_QUANT",
     "OBSERVERS",
     "OUTPUT_QUANT",
+    "PTQ_CONFIG",
+    "SUM_QUANT",
     "ActivationFakeQuant",
+    "Calibration",
     "ConstantQDQ",
     "QuantConfig",
     "WeightFakeQuant",
     "attach",
     "bn_fold_factor",
+    "calibrate",
     "check_weight_bits",
+    "correct_bias",
+    "covered_inputs",
     "enable",
     "fake_quant_weight",
     "folded_batchnorms",
@@ -69,16 +91,23 @@ __all__ = [
     "keep_in_float",
     "leave_uncalled_in_float",
     "link_batchnorms",
+    "observe",
     "observer_ranges",
     "qdq",
+    "quantize_sums",
     "quantized_layers",
+    "quantized_sums",
+    "reset_observers",
     "saturation",
     "set_input_quantizer",
     "set_output_quantizer",
+    "set_sum_quantizer",
     "set_weight_bits",
+    "share_inputs",
     "share_ranges",
     "shared_range_layers",
     "strip",
+    "sum_modules",
     "sync_observers",
     "unparametrize_weight",
     "watch_saturation",

@@ -11,7 +11,10 @@ What :func:`attach` puts on every selected Conv/Linear layer:
 
 Everything is attached disabled; :func:`enable` turns it on (the callback does at ``start_epoch``),
 so checkpoints have the same keys before and during QAT. :func:`share_ranges` lets one range serve
-a layer's output and the next layer's input where the model analysis says they are one tensor.
+a layer's output and the next layer's input where the model analysis says they are one tensor, and
+:func:`quantize_sums` quantises the residual sums (``x + f(x)``) of two quantised tensors that a block
+computes in its own ``forward``, so ONNX Runtime adds them in int8 too, and :func:`share_inputs` lets a layer
+whose input is already quantised (a sum, or a layer output that also goes elsewhere) read it as it is.
 
 Example::
 
@@ -69,6 +72,53 @@ def set_output_quantizer(layer: nn.Module, owner: nn.Module, quantizer: nn.Modul
     owner.__dict__[_OUTPUT_QUANT_REF] = [quantizer]
 
 
+SUM_QUANT = "sum_quant"
+
+
+def _quantise_sum(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    return cast(Tensor, getattr(module, SUM_QUANT)(output))
+
+
+def set_sum_quantizer(module: nn.Module, quantizer: nn.Module) -> None:
+    """Make ``quantizer`` (it becomes ``module``'s ``sum_quant`` child) quantise ``module``'s output."""
+    if SUM_QUANT not in module._modules:
+        module.register_forward_hook(_quantise_sum)
+    module.add_module(SUM_QUANT, quantizer)
+
+
+def quantized_sums(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` whose output (a residual sum) :func:`quantize_sums` quantises."""
+    return {name: m for name, m in model.named_modules() if isinstance(m._modules.get(SUM_QUANT), ActivationFakeQuant)}
+
+
+_SUM_HOOK = "_lc_sum_restore"
+
+
+def _restore_sum_quantizers(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """A load-state-dict pre-hook: a checkpoint holding ``<module>.sum_quant.*`` (written after
+    :func:`quantize_sums`, which needs a batch) gets those quantisers back before its values load."""
+    suffix = f"{SUM_QUANT}.min_val"
+    template = _activation_template(module)
+    for key in state_dict:
+        if not (key.startswith(prefix) and key.endswith(suffix)) or template is None:
+            continue
+        name = key[len(prefix) : -len(suffix)].rstrip(".")
+        try:
+            target = module.get_submodule(name)
+        except AttributeError:  # not this model's: the strict load names the key
+            continue
+        if SUM_QUANT not in target._modules:
+            set_sum_quantizer(target, ActivationFakeQuant(template.bits, template.observer, template.ema_decay))
+
+
+def _activation_template(model: nn.Module) -> ActivationFakeQuant | None:
+    """An input quantiser of a quantised layer that is not kept in float (whose settings and phase a new
+    activation quantiser takes), or ``None``."""
+    layers = list(quantized_layers(model).values())
+    live = [layer for layer in layers if not getattr(layer, UNREACHABLE, False)] or layers
+    return cast(ActivationFakeQuant, getattr(live[0], INPUT_QUANT)) if live else None
+
+
 def attach(
     model: nn.Module,
     config: QuantConfig | None = None,
@@ -103,7 +153,10 @@ def attach(
             f"(include={include}, exclude={exclude})"
         )
     for layer in layers.values():
-        if is_attached(layer):
+        if is_attached(layer):  # e.g. restored from a calibration: observe from now on as this config says
+            for attr in (INPUT_QUANT, OUTPUT_QUANT):
+                quantizer = getattr(layer, attr)
+                quantizer.observer, quantizer.ema_decay = config.observer, config.ema_decay
             continue
         parametrize.register_parametrization(layer, "weight", WeightFakeQuant(config.weight_bits, config.per_channel))
         set_input_quantizer(layer, ActivationFakeQuant(config.activation_bits, config.observer, config.ema_decay))
@@ -111,6 +164,9 @@ def attach(
         set_output_quantizer(layer, layer, output_quant)
     if config.fold_bn and bn_pairs:
         link_batchnorms(model, bn_pairs)
+    if _SUM_HOOK not in model.__dict__:
+        model.register_load_state_dict_pre_hook(_restore_sum_quantizers)
+        model.__dict__[_SUM_HOOK] = True
     return layers
 
 
@@ -138,7 +194,7 @@ def link_batchnorms(model: nn.Module, bn_pairs: Mapping[str, str]) -> int:
 
 
 def shared_range_layers(model: nn.Module, example: Any) -> list[str]:
-    """The quantised layers whose output reaches another quantised layer only through ReLU / MaxPool /
+    """The quantised layers whose output reaches another quantised layer only through ReLU / ReLU6 / MaxPool /
     Flatten / Identity / Dropout modules (read off the model's cached analysis, see
     :mod:`lightning_compress.core.graph`): the next layer's input range can serve their output.
 
@@ -160,23 +216,99 @@ def share_ranges(model: nn.Module, example: Any) -> list[str]:
     fuses (ReLU into the quantised Conv, MaxPool in int8) instead of requantising between layers.
     """
     shared = shared_range_layers(model, example)
-    for name in shared:
-        getattr(model.get_submodule(name), OUTPUT_QUANT).bypass = True
+    for name, layer in quantized_layers(model).items():  # again after a change (a plan keeping layers in float)
+        getattr(layer, OUTPUT_QUANT).bypass = name in shared
     return shared
+
+
+def sum_modules(model: nn.Module, example: Any) -> list[str]:
+    """The modules whose output is a residual sum (:attr:`~lightning_compress.core.graph.ModelGraph.sums`) of two
+    tensors that are each a quantised layer's output or such a sum: summing them in int8 costs nothing more
+    (ONNX Runtime's ``QLinearAdd``), while a float sum between them costs a dequantise and a quantise.
+    Deterministic for a given model, like :func:`shared_range_layers`."""
+    graph = analyze(model, example)
+    names = {id(m): n for n, m in model.named_modules()}
+    quantised = {
+        names[id(weight_quantizer(layer).bn or layer)]
+        for layer in quantized_layers(model).values() if not getattr(layer, UNREACHABLE, False)
+    }  # fmt: skip
+    chosen: list[str] = []
+    for name, total in graph.sums.items():  # in call order: a sum of sums follows them
+        if all(set(operand) & (quantised | set(chosen)) for operand in total.operands):
+            chosen.append(name)
+    return chosen
+
+
+def quantize_sums(model: nn.Module, example: Any) -> list[str]:
+    """Quantise the output of every module :func:`sum_modules` names (an activation quantiser as the layers
+    have, in their phase, attached once; one attached before to a sum no longer named is removed); return
+    those modules' names.
+
+    A block such as MobileNetV2's ``x + conv(x)`` then sums two int8 tensors into one, which ONNX Runtime runs
+    as ``QLinearAdd``; :func:`share_inputs` then lets the next layer read that tensor without quantising it again.
+    """
+    template = _activation_template(model)
+    if template is None:
+        return []
+    chosen = sum_modules(model, example)
+    for name, module in quantized_sums(model).items():  # a summand now left in float: the sum is float again
+        if name not in chosen:
+            _remove_hooks(module._forward_hooks, _quantise_sum)
+            delattr(module, SUM_QUANT)
+    for name in chosen:
+        module = model.get_submodule(name)
+        if SUM_QUANT not in module._modules:
+            quantizer = ActivationFakeQuant(template.bits, template.observer, template.ema_decay)
+            cast(Tensor, quantizer.enabled).copy_(cast(Tensor, template.enabled))
+            cast(Tensor, quantizer.observing).copy_(cast(Tensor, template.observing))
+            set_sum_quantizer(module, quantizer.to(cast(Tensor, template.min_val).device))
+    return chosen
+
+
+def covered_inputs(model: nn.Module, example: Any) -> list[str]:
+    """The quantised layers whose input is already a quantised tensor: exactly the output of a quantised layer
+    that keeps its output quantiser (not one :func:`shared_range_layers` names) or of a quantised sum
+    (:func:`quantize_sums` attached its quantiser). Their own input quantiser would quantise it a second time
+    (ONNX Runtime then merges the two pairs its own way, a few steps off the model where the ranges differ)."""
+    graph, layers = analyze(model, example), quantized_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    shared = set(shared_range_layers(model, example))
+    owners = {
+        names[id(weight_quantizer(layer).bn or layer)]
+        for name, layer in layers.items() if name not in shared and not getattr(layer, UNREACHABLE, False)
+    }  # fmt: skip
+    quantised = owners | set(quantized_sums(model))
+    return sorted(name for name in layers if set(graph.inputs.get(name, ())) & quantised)
+
+
+def share_inputs(model: nn.Module, example: Any) -> list[str]:
+    """Bypass the input quantiser of every layer :func:`covered_inputs` names (after :func:`share_ranges` and
+    :func:`quantize_sums`); return those names."""
+    covered = covered_inputs(model, example)
+    for name, layer in quantized_layers(model).items():
+        getattr(layer, INPUT_QUANT).bypass = name in covered
+    return covered
+
+
+def _activation_quantizers(model: nn.Module) -> list[ActivationFakeQuant]:
+    """Every activation quantiser of ``model``'s layers and sums."""
+    found = [getattr(m, a) for m in quantized_layers(model).values() for a in (INPUT_QUANT, OUTPUT_QUANT)]
+    return found + [getattr(m, SUM_QUANT) for m in quantized_sums(model).values()]
 
 
 def sync_observers(model: nn.Module) -> None:
     """Under ``torch.distributed``, give every rank the union of all ranks' observed ranges (one all-reduce)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    observers = [getattr(m, a) for m in quantized_layers(model).values() for a in (INPUT_QUANT, OUTPUT_QUANT)]
+    observers = _activation_quantizers(model)
     if not observers or torch.distributed.get_world_size() < 2:
         return
-    bounds = torch.stack([torch.stack([-o.min_val, o.max_val]) for o in observers])
+    lows, highs = [cast(Tensor, o.min_val) for o in observers], [cast(Tensor, o.max_val) for o in observers]
+    bounds = torch.stack([torch.stack([-low, high]) for low, high in zip(lows, highs, strict=True)])
     torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
-    for observer, (neg_min, max_val) in zip(observers, bounds, strict=True):
-        observer.min_val.copy_(-neg_min)
-        observer.max_val.copy_(max_val)
+    for low, high, (neg_min, max_val) in zip(lows, highs, bounds, strict=True):
+        low.copy_(-neg_min)
+        high.copy_(max_val)
 
 
 def is_attached(layer: nn.Module) -> bool:
@@ -250,6 +382,9 @@ def strip(model: nn.Module) -> nn.Module:
         owner.__dict__.pop(_OUTPUT_QUANT_REF, None)
         for attr in (INPUT_QUANT, OUTPUT_QUANT):
             delattr(layer, attr)
+    for module in quantized_sums(model).values():
+        _remove_hooks(module._forward_hooks, _quantise_sum)
+        delattr(module, SUM_QUANT)
     return model
 
 
@@ -258,6 +393,8 @@ def enable(model: nn.Module, on: bool = True) -> None:
     for layer in quantized_layers(model).values():
         for quantizer in _layer_quantizers(layer):
             cast(Tensor, quantizer.enabled).fill_(on and not getattr(layer, UNREACHABLE, False))
+    for module in quantized_sums(model).values():
+        cast(Tensor, getattr(module, SUM_QUANT).enabled).fill_(on)
 
 
 UNREACHABLE = "_lc_unreachable"
@@ -290,9 +427,8 @@ def keep_in_float(model: nn.Module, names: Sequence[str]) -> None:
 
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
     """Stop (or restart) updating the activation ranges."""
-    for layer in quantized_layers(model).values():
-        for attr in (INPUT_QUANT, OUTPUT_QUANT):
-            cast(Tensor, getattr(layer, attr).observing).fill_(not frozen)
+    for quantizer in _activation_quantizers(model):
+        cast(Tensor, quantizer.observing).fill_(not frozen)
 
 
 def folded_batchnorms(model: nn.Module) -> list[nn.Module]:
@@ -314,6 +450,9 @@ def observer_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
         for attr in (INPUT_QUANT, OUTPUT_QUANT):
             quant = getattr(layer, attr)
             ranges[f"{name}.{attr}"] = (float(quant.min_val), float(quant.max_val))
+    for name, module in quantized_sums(model).items():
+        quant = getattr(module, SUM_QUANT)
+        ranges[f"{name}.{SUM_QUANT}"] = (float(quant.min_val), float(quant.max_val))
     return ranges
 
 
@@ -336,7 +475,7 @@ def saturation(model: nn.Module) -> dict[str, float]:
         f"{name}.{attr}": getattr(layer, attr)
         for name, layer in quantized_layers(model).items()
         for attr in (INPUT_QUANT, OUTPUT_QUANT)
-    }
+    } | {f"{name}.{SUM_QUANT}": getattr(module, SUM_QUANT) for name, module in quantized_sums(model).items()}
     if not named:
         return {}
     device = cast(Tensor, next(iter(named.values())).seen).device

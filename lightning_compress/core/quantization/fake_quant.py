@@ -19,7 +19,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.layers import BN_TYPES, Internal
+from lightning_compress.core.layers import BN_TYPES, Internal, bn_fold_factor
 
 __all__ = [
     "BN_TYPES", "ActivationFakeQuant", "ConstantQDQ", "WeightFakeQuant", "bn_fold_factor", "fake_quant_weight", "qdq",
@@ -90,16 +90,6 @@ class ConstantQDQ(Internal, nn.Module):
         return cast(Tensor, qdq(x, scale, zero_point, self.axis, self.qmin, self.qmax))
 
 
-def bn_fold_factor(bn: nn.Module) -> Tensor:
-    """``gamma / sqrt(running_var + eps)`` of a BatchNorm: what folding multiplies each output channel by."""
-    var = cast(Tensor, bn.running_var)
-    factor = torch.rsqrt(var + cast(float, bn.eps))
-    if bn.weight is not None:
-        factor = factor * cast(Tensor, bn.weight)
-    # A zero factor (gamma pruned to 0) would divide by zero: that channel is quantised unfolded.
-    return torch.where(factor.abs() < 1e-12, torch.ones_like(factor), factor)
-
-
 class WeightFakeQuant(Internal, nn.Module):
     """Parametrization of a Conv/Linear ``weight``: its fake-quantised (BN-folded) value."""
 
@@ -150,7 +140,7 @@ class ActivationFakeQuant(Internal, nn.Module):
         self.bits = bits
         self.observer = observer
         self.ema_decay = ema_decay
-        self.bypass = False  # set per process by share_ranges(): another quantiser covers this tensor
+        self.bypass = False  # set per process by share_ranges() / share_inputs(): another quantiser covers this tensor
         self.register_buffer("enabled", torch.tensor(False))
         self.register_buffer("observing", torch.tensor(True))
         self.register_buffer("min_val", torch.tensor(float("inf")))

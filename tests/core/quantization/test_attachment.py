@@ -9,7 +9,7 @@ from lightning_compress.core.graph import find_bn_pairs
 from lightning_compress.core.layers import weight_of
 from lightning_compress.core.quantization import attachment, share_ranges
 from lightning_compress.errors import CompressionConfigError
-from tests.helpers import TinyNet, quantised
+from tests.helpers import ResidualNet, TinyNet, quantised
 
 
 def test_attached_but_disabled_changes_nothing_and_keeps_forward():
@@ -69,12 +69,13 @@ def test_output_ranges_are_shared_only_through_relu_and_maxpool():
     x = torch.randn(2, 1, 28, 28)
     for name, expected in (
         ("cnn_small", ["features.0", "features.4", "features.8", "classifier.1"]),
-        ("resnet18", ["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]),
+        ("resnet18", [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]),
     ):
         model = build_model(name)
         layers = q.attach(model)
         q.link_batchnorms(model, find_bn_pairs(model, layers, x))
-        # resnet's conv2 -> bn2 is followed by an unseen in-place `out += identity`: not shared
+        # resnet's bn2 output, and the stem's (after maxpool), also go into the block's own `out += identity`:
+        # a branch, not shared
         assert share_ranges(model, x) == expected, name
 
 
@@ -109,3 +110,61 @@ def test_set_weight_bits_gives_layers_their_own_width():
     assert max(levels) <= 3  # 2 bits, symmetric: -1, 0, 1 steps
     with pytest.raises(CompressionConfigError, match=r"`layer_bits\['fc2'\]` must be an integer from 2 to 8, got 9"):
         q.set_weight_bits(net, {"fc2": 9})
+
+
+def residual_quantised(**attach_kwargs):
+    torch.manual_seed(0)
+    net, x = ResidualNet(), torch.randn(16, 1, 8, 8)
+    layers = q.attach(net, **attach_kwargs)
+    q.link_batchnorms(net, find_bn_pairs(net, layers, x[:2]))
+    q.enable(net)
+    q.share_ranges(net, x[:2])
+    sums = q.quantize_sums(net, x[:2])
+    q.share_inputs(net, x[:2])
+    return net, x, sums
+
+
+def test_residual_sums_of_quantised_tensors_get_one_quantiser_that_serves_the_next_layer():
+    net, x, sums = residual_quantised()
+    assert sums == ["blocks.0", "blocks.1"] and list(q.quantized_sums(net)) == sums
+    # blocks.0's input is the stem's quantised output (which also goes into the sum, so it keeps its quantiser),
+    # blocks.1's is blocks.0's quantised sum: neither is quantised again; blocks.1's sum goes to the pool
+    assert q.covered_inputs(net, x[:2]) == ["blocks.0.conv.0", "blocks.1.conv.0"]
+    assert net.blocks[1].conv[0].input_quant.bypass and net.blocks[0].conv[0].input_quant.bypass
+    assert not net.stem[0].output_quant.bypass and not net.blocks[0].conv[3].input_quant.bypass
+    net.train()
+    net(x)
+    quantizer = net.blocks[0].sum_quant
+    assert bool(quantizer.enabled) and int(quantizer.updates) == 1
+    with torch.no_grad():  # the block's output is on the sum quantiser's grid
+        out = net.blocks[0](net.stem(x))
+    scale, zero = quantizer.qparams()
+    assert torch.allclose(out / scale + zero, (out / scale + zero).round(), atol=1e-3)
+    assert "blocks.0.sum_quant" in q.observer_ranges(net)
+    q.freeze_observers(net)
+    assert not bool(quantizer.observing)
+    assert q.quantize_sums(net, x[:2]) == sums and net.blocks[0].sum_quant is quantizer  # attached once
+    plain = ResidualNet().state_dict().keys()
+    assert q.strip(copy.deepcopy(net)).state_dict().keys() == plain
+
+
+def test_a_sum_with_a_float_summand_stays_float():
+    net, x, sums = residual_quantised(exclude=["stem.*"])
+    assert sums == [] and q.covered_inputs(net, x[:2]) == []  # the stem is float: so is blocks.0, so blocks.1
+    net, x, sums = residual_quantised()
+    q.keep_in_float(net, ["stem.0"])  # a plan keeps the stem in float after the sums were quantised: all undone
+    assert q.quantize_sums(net, x[:2]) == [] and q.quantized_sums(net) == {}
+    assert q.share_inputs(net, x[:2]) == [] and not net.blocks[0].conv[0].input_quant.bypass
+
+
+def test_a_checkpoint_with_sum_quantisers_loads_into_a_freshly_attached_model():
+    net, x, _ = residual_quantised()
+    net.train()
+    net(x)
+    state = net.state_dict()
+    assert "blocks.1.sum_quant.min_val" in state
+    fresh = ResidualNet()
+    q.attach(fresh)  # as the QAT callback does at setup, before any batch
+    fresh.load_state_dict(state)  # strict: the pre-hook attaches what the keys name
+    assert list(q.quantized_sums(fresh)) == ["blocks.0", "blocks.1"]
+    assert q.observer_ranges(fresh) == q.observer_ranges(net)
