@@ -110,11 +110,10 @@ class Sum:
     Attributes:
         operands: for each of the two summands, the modules whose output it is (a leaf and the modules that
             returned it, e.g. ``("features.3.conv.3", "features.3.conv")``; empty where no module made it).
-        consumers: the leaf modules that take the module's output as their input.
+            Which layers read the sum: :attr:`ModelGraph.inputs`.
     """
 
     operands: tuple[tuple[str, ...], tuple[str, ...]]
-    consumers: tuple[str, ...]
 
 
 @dataclass
@@ -350,7 +349,6 @@ class _Pass:
     functional: _Functional
     produced: dict[Key, list[str]]  # the modules (leaf or not) whose output a tensor is, innermost first
     raw: dict[str, Key]  # each non-leaf module called once: its output before any forward hook
-    final: dict[str, Key]  # and after them (what the caller receives)
     keep: list[Any]  # every tensor seen, kept alive so that ids are not reused
 
 
@@ -362,7 +360,7 @@ def _module_calls(model: nn.Module, example: Any) -> _Pass:
     unseen in-place change (``out += identity``) from the tensor a module returned.
     """
     keep: list[Any] = []
-    seen = _Pass({}, {}, _Functional(keep), {}, {}, {}, keep)
+    seen = _Pass({}, {}, _Functional(keep), {}, {}, keep)
     calls: dict[str, int] = {}
     handles = []
     for name, module in model.named_modules():
@@ -407,8 +405,6 @@ def _output(seen: _Pass, name: str, leaf: bool, m: nn.Module, a: Any, out: Any) 
         return
     if leaf:
         seen.last[name].result, seen.last[name].result_version = out, _version(out)
-    else:
-        seen.final[name] = (id(out), _version(out))
     seen.produced.setdefault((id(out), _version(out)), []).append(name)
     seen.keep.append(out)
 
@@ -455,10 +451,8 @@ def _build(model: nn.Module, example: Any, structure: tuple[tuple[str, str], ...
         if summands is None or raw in claimed:  # (an outer module returning an inner module's sum: the inner's)
             continue
         claimed.add(raw)
-        final = seen.final.get(name, raw)
-        takers = tuple(c.name for c in consumers.get(final[0], []) if c.version == final[1])
         operands = [tuple(seen.produced.get(key, [])) for key in summands]
-        graph.sums[name] = Sum((operands[0], operands[1]), takers)
+        graph.sums[name] = Sum((operands[0], operands[1]))
     return graph
 
 
