@@ -221,17 +221,23 @@ def share_ranges(model: nn.Module, example: Any) -> list[str]:
     return shared
 
 
+def _output_owners(model: nn.Module) -> dict[str, str]:
+    """``{layer: module}``: for each quantised layer not kept in float, the module whose output its output
+    quantiser quantises (the layer, or the BatchNorm folded into it)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {
+        name: names[id(weight_quantizer(layer).bn or layer)]
+        for name, layer in quantized_layers(model).items() if not getattr(layer, UNREACHABLE, False)
+    }  # fmt: skip
+
+
 def sum_modules(model: nn.Module, example: Any) -> list[str]:
     """The modules whose output is a residual sum (:attr:`~lightning_compress.core.graph.ModelGraph.sums`) of two
     tensors that are each a quantised layer's output or such a sum: summing them in int8 costs nothing more
     (ONNX Runtime's ``QLinearAdd``), while a float sum between them costs a dequantise and a quantise.
     Deterministic for a given model, like :func:`shared_range_layers`."""
     graph = analyze(model, example)
-    names = {id(m): n for n, m in model.named_modules()}
-    quantised = {
-        names[id(weight_quantizer(layer).bn or layer)]
-        for layer in quantized_layers(model).values() if not getattr(layer, UNREACHABLE, False)
-    }  # fmt: skip
+    quantised = set(_output_owners(model).values())
     chosen: list[str] = []
     for name, total in graph.sums.items():  # in call order: a sum of sums follows them
         if all(set(operand) & (quantised | set(chosen)) for operand in total.operands):
@@ -271,12 +277,8 @@ def covered_inputs(model: nn.Module, example: Any) -> list[str]:
     (:func:`quantize_sums` attached its quantiser). Their own input quantiser would quantise it a second time
     (ONNX Runtime then merges the two pairs its own way, a few steps off the model where the ranges differ)."""
     graph, layers = analyze(model, example), quantized_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
     shared = set(shared_range_layers(model, example))
-    owners = {
-        names[id(weight_quantizer(layer).bn or layer)]
-        for name, layer in layers.items() if name not in shared and not getattr(layer, UNREACHABLE, False)
-    }  # fmt: skip
+    owners = {owner for name, owner in _output_owners(model).items() if name not in shared}
     quantised = owners | set(quantized_sums(model))
     return sorted(name for name in layers if set(graph.inputs.get(name, ())) & quantised)
 
