@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, fit, markdown, mean_spread, new_module, save
+from common import RESULTS, fit, get_datamodule, markdown, mean_spread, new_module, save
 
-from lightning_compress import LowRankFactorization, MagnitudePruning, QuantizationAwareTraining, get_datamodule
+from lightning_compress import LowRankFactorization, MagnitudePruning, QuantizationAwareTraining
 from lightning_compress.app.plan import scheduled
 from lightning_compress.core.sensitivity import Setting
 from lightning_compress.deploy.cost import Option
@@ -69,24 +69,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64, help="the batch size latencies are measured at")
     parser.add_argument("--batches", type=int, default=4, help="validation batches of the sensitivity analysis")
     parser.add_argument("--runs", type=int, default=30, help="timed ORT calls per latency")
+    parser.add_argument("--warmup", type=int, default=1, help="epochs trained before the sensitivity analysis")
+    parser.add_argument("--train-threads", type=int, default=1, help="torch threads of the trainings (after timing)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     warm = new_module(args.model, args.data, args.seeds[0])
-    fit(warm, args.data, 1, args.seeds[0])
+    fit(warm, args.data, args.warmup, args.seeds[0])
     warm.eval()
     dm = get_datamodule(args.data, batch_size=args.batch_size, seed=args.seeds[0])
     dm.setup("fit")
     val = [batch for _, batch in zip(range(args.batches), dm.val_dataloader(), strict=False)]
     techniques = args.techniques.split(",")
     bits = 8 if "int8" in techniques else 4 if "int4" in techniques else None
-    cache = args.out / "budget.latency.json"
-    rows, results = [], {}
+    cache = args.out / f"budget.{args.model}.latency.json"
+    # Every latency first (planning, the uniform grid, the MACs-aware plan), training after: the timed phase is
+    # contiguous, so nothing else needs to wait for the trainings.
+    arms: dict[float, tuple[Plan, float, Plan, Plan]] = {}
     for ratio in args.targets:
         planned = plan_model(warm, val, Target("latency", ratio), techniques, args.batch_size, cache, args.runs)
         planned.measured = planned.measured or measure_plan(warm, planned, val, args.batch_size, args.runs)
-        dense = planned.dense["latency"]
         candidates = {f: measure_plan(warm, uniform(planned, f, bits), val, args.batch_size, args.runs)
                       for f in FRACTIONS}  # fmt: skip
         fraction = min(candidates, key=lambda f: abs(candidates[f]["latency"] - planned.measured["latency"]))
@@ -95,14 +98,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         macs_ratio = planned.predicted["macs"] / planned.dense["macs"]
         by_macs = plan_model(warm, val, Target("macs", macs_ratio), techniques, args.batch_size, cache, args.runs)
         by_macs.measured = measure_plan(warm, by_macs, val, args.batch_size, args.runs)
+        arms[ratio] = (planned, fraction, flat, by_macs)
+        print(f"target {ratio}: planned {planned.measured['latency'] / planned.dense['latency']:.2f}x dense, "
+              f"uniform {fraction} {flat.measured['latency'] / planned.dense['latency']:.2f}x", flush=True)
+    print("latencies done; training", flush=True)
+    torch.set_num_threads(args.train_threads)
+    rows, results = [], {}
+    for ratio, (planned, fraction, flat, by_macs) in arms.items():
+        dense = planned.dense["latency"]
         accuracy: dict[str, list[float]] = {"planned": [], f"uniform {fraction}": []}
         for seed in args.seeds:
             for arm, chosen in (("planned", planned), (f"uniform {fraction}", flat)):
                 module = new_module(args.model, args.data, seed)
                 accuracy[arm].append(fit(module, args.data, args.epochs, seed, callbacks_for(chosen, args.epochs))[0])
-            print(f"target {ratio}: seed {seed} trained", flush=True)
-        arms = (("planned", planned), (f"uniform {fraction}", flat), ("MACs-aware", by_macs))
-        for arm, chosen in arms:
+            print(f"target {ratio}: seed {seed} trained: planned {accuracy['planned'][-1]:.4f}, "
+                  f"uniform {accuracy[f'uniform {fraction}'][-1]:.4f}", flush=True)  # fmt: skip
+        for arm, chosen in (("planned", planned), (f"uniform {fraction}", flat), ("MACs-aware", by_macs)):
             got = accuracy.get(arm)
             rows.append([
                 f"{ratio}", arm, f"{chosen.measured['latency'] / dense:.2f}",
@@ -126,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"top-1 % ({len(args.seeds)} seeds)", "planning s"]  # fmt: skip
     table = markdown(header, rows)
     print(table)
-    save("budget", {"args": vars(args) | {"out": str(args.out)}, "results": results, "table": table}, args.out)
+    payload = {"args": vars(args) | {"out": str(args.out)}, "results": results, "table": table}
+    save(f"budget.{args.model}", payload, args.out)
     return results
 
 

@@ -14,14 +14,40 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms
-from lightning_compress.vision.data import get_datamodule
+from lightning_compress.vision.data import ClassificationDataModule, MNIST5kDataModule
+from lightning_compress.vision.data import get_datamodule as package_datamodule
 from lightning_compress.vision.module import ClassificationModule
 
 RESULTS = Path(__file__).parent / "results"
 LAST_EPOCH_TIMES: list[float] = []
+
+
+class MNIST5k32(MNIST5kDataModule):
+    """mnist5k as the torchvision models take it in these benchmarks: resized to 32x32 (bilinear), the grey
+    channel repeated 3 times; same split and order as ``mnist5k``."""
+
+    in_channels = 3
+    image_size = (32, 32)
+
+    def build(self) -> tuple[Dataset[Any], Dataset[Any]]:
+        return tuple(_resized(part) for part in super().build())  # type: ignore[return-value]
+
+
+def _resized(part: Dataset[Any]) -> TensorDataset:
+    images, labels = zip(*(part[i] for i in range(len(part))), strict=True)  # type: ignore[arg-type]
+    x = F.interpolate(torch.stack(images), size=(32, 32), mode="bilinear", align_corners=False)
+    return TensorDataset(x.repeat(1, 3, 1, 1), torch.stack(labels))
+
+
+def get_datamodule(name: str, **kwargs: Any) -> ClassificationDataModule:
+    """The package's data modules by name, plus ``mnist5k32`` (:class:`MNIST5k32`)."""
+    return MNIST5k32(**kwargs) if name == "mnist5k32" else package_datamodule(name, **kwargs)
 
 
 class EpochTimer(pl.Callback):

@@ -26,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per cor
 # fixture once per worker that runs one of its tests, so each worker used to build them all (the
 # composition matrix twice: 2 x 160 s). `make test` runs with `--dist loadgroup`: the tests sharing one
 # go to one worker.
-SESSION_SHARED = ("ddp_run",)
+SESSION_SHARED = ("ddp_run", "ddp_learned_run")
 MODULE_SHARED = ("matrix", "trained_teacher", "trained", "int8_file", "digits_checkpoint", "teacher")  # costliest first
 
 
@@ -79,5 +79,18 @@ def ddp_run(tmp_path_factory):
     script = Path(__file__).parent / "ddp_run.py"
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
     done = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.fixture(scope="session")
+def ddp_learned_run(tmp_path_factory):
+    """Both ranks' records from one DDP run of ``tests/ddp_run.py OUT learned`` (a residual model, pruning and
+    QAT with learned step sizes, 2 CPU processes)."""
+    out = tmp_path_factory.mktemp("ddp_learned")
+    script = Path(__file__).parent / "ddp_run.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    command = [sys.executable, str(script), str(out), "learned"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

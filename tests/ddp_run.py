@@ -5,6 +5,9 @@ feature adapter) + LowRankFactorization (at epoch 1, mid pruning ramp) + Compres
 Every rank records its masks after every mask update, its observer ranges after every step once
 QAT is on, and at the end its weights, the KD adapter's weights and what DDP syncs, and saves them
 to OUT/rank<r>.pt. Usage: python tests/ddp_run.py OUT
+
+``python tests/ddp_run.py OUT learned`` runs a residual model (quantised sums) with MagnitudePruning and
+QuantizationAwareTraining(scales="learned") instead, recording the learned step sizes after every step.
 """
 
 import sys
@@ -23,7 +26,14 @@ from lightning_compress import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from lightning_compress.core.quantization import observer_ranges, quantized_layers, weight_bits
+from lightning_compress.core.quantization import (
+    learned_scales,
+    observer_ranges,
+    quantized_layers,
+    quantized_sums,
+    scale_kinds,
+    weight_bits,
+)
 from tests.helpers import TinyModule, loaders
 
 
@@ -71,7 +81,46 @@ class Recorder(pl.Callback):
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 
 
-if __name__ == "__main__":
+class LearnedRecorder(pl.Callback):
+    """The learned step sizes after every step, and at the end the weights and what DDP syncs."""
+
+    def __init__(self) -> None:
+        self.scales: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scales[trainer.global_step] = {n: p.detach().clone() for n, p in learned_scales(pl_module).items()}
+
+    def on_fit_end(self, trainer, pl_module):
+        synced = {id(p) for p in trainer.strategy.model.parameters() if p.requires_grad}
+        ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
+        payload = {
+            "scales": self.scales,
+            "weights": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "learned_in_ddp": sorted(n for n, p in learned_scales(pl_module).items() if n not in ignored),
+            "kinds": {name: scale_kinds(layer) for name, layer in quantized_layers(pl_module).items()},
+            "sums": sorted(quantized_sums(pl_module)),
+            "synced": len(synced),
+        }
+        torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
+
+
+def learned() -> None:
+    """The residual model with pruning and learned-scale QAT under DDP."""
+    pruning = MagnitudePruning(final_sparsity=0.5, end_epoch=2, update_frequency=1)
+    qat = QuantizationAwareTraining(start_epoch=1, scales="learned", calibration_batches=2)
+    train, val = loaders(n=128, batch_size=8)
+    trainer = pl.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, callbacks=[pruning, qat, LearnedRecorder()],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(TinyModule(residual=True, optimizer="adam", lr=0.01), train, val)
+
+
+if __name__ == "__main__" and sys.argv[2:] == ["learned"]:
+    pl.seed_everything(0, verbose=False)
+    learned()
+elif __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     # per-layer settings too: a sparsity of its own, a rank of its own, a narrower width
     pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1, layer_sparsity={"net.conv1": 0.5})

@@ -51,11 +51,13 @@ PLANNED = ("planned",)  # all four with per-layer settings, as a budget plan wri
 
 def planned(teacher: Any) -> list:
     """Every technique with per-layer settings: ranks, sparsities (patterns that reach the factors) and bits;
-    QAT from calibrated ranges."""
+    QAT with learned step sizes from calibrated ranges."""
     return [
         LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"], ranks={"net.fc1": 3}),
         MagnitudePruning(final_sparsity=0.6, end_epoch=2, layer_sparsity={"net.fc1*": 0.8, "net.conv1": 0.3}),
-        QuantizationAwareTraining(start_epoch=1, layer_bits={"net.fc2": 4, "net.fc1": 6}, calibration_batches=2),
+        QuantizationAwareTraining(
+            start_epoch=1, layer_bits={"net.fc2": 4, "net.fc1": 6}, calibration_batches=2, scales="learned"
+        ),
         KnowledgeDistillation(teacher, temperature=2.0, alpha=0.5),
     ]
 
@@ -131,6 +133,8 @@ def test_per_layer_settings_compose_export_and_verify(matrix):
     bits = {name: row["weight_bits"] for name, row in rows.items()}
     assert bits["net.fc2"] == 4 and bits["net.fc1.0"] == bits["net.fc1.1"] == 6  # the factors keep fc1's bits
     assert {bits[name] for name in rows if name not in ("net.fc2", "net.fc1.0", "net.fc1.1")} == {8}
+    assert {row["scales"] for row in rows.values()} <= {"learned", "learned weights"}  # the factors learn too
+    assert "learned" in {row["scales"] for row in rows.values()}
 
 
 @pytest.mark.slow

@@ -51,9 +51,9 @@ def test_budget_benchmark_smoke(tmp_path):
             "--runs", "3", "--techniques", "channel"]  # fmt: skip
     stdout = run_benchmark("budget.py", args, tmp_path)
     assert "| 0.8 | planned |" in stdout and "| 0.8 | MACs-aware |" in stdout and "planned - uniform" in stdout
-    saved = json.loads((tmp_path / "budget.json").read_text())["results"]["0.8"]
+    saved = json.loads((tmp_path / "budget.cnn_small.json").read_text())["results"]["0.8"]
     assert len(saved["accuracy"]["planned"]) == 1 and saved["uniform"]["fraction"] > 0
-    assert saved["planned"]["measured"]["latency"] > 0 and (tmp_path / "budget.latency.json").is_file()
+    assert saved["planned"]["measured"]["latency"] > 0 and (tmp_path / "budget.cnn_small.latency.json").is_file()
 
 
 @pytest.mark.slow
@@ -158,3 +158,14 @@ def test_ptq_benchmark_smoke(tmp_path):
     assert all(saved[arm]["verified"] for arm in saved if arm.startswith("ours"))
     assert saved["ours PTQ + CLE"]["pairs"] > 0 and saved["ours PTQ + BC"]["corrected"] > 0
     assert saved["ours PTQ"]["bytes"] < 0.3 * saved["fp32"]["bytes"]
+
+
+@pytest.mark.slow
+def test_learned_scales_benchmark_smoke(tmp_path):
+    args = ["--models", "cnn_small", "--data", "digits", "--seeds", "0", "--epochs", "2", "--qat-epochs", "1"]
+    stdout = run_benchmark("learned_scales.py", [*args, "--threads", "1"], tmp_path)
+    assert "| cnn_small | 4-bit |" in stdout and "| cnn_small | 8-bit |" in stdout
+    seed = json.loads((tmp_path / "learned_scales.json").read_text())["runs"]["cnn_small"][0]
+    assert set(seed) == {"w8a8 observed", "w8a8 learned", "w4a8 observed", "w4a8 learned"}
+    assert all(arm["ort_acc"] > 0.5 and arm["epoch_s"] > 0 for arm in seed.values())
+

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -42,6 +44,7 @@ LEFT_IN_FLOAT = (
     "QuantizationAwareTraining leaves in float (excluded, or inside an nn.MultiheadAttention it cannot expose). "
     "HINT: name them in `include` or take them out of `exclude`"
 )
+LEARNED_CALIBRATION = 8  # training batches that set learned step sizes' start where calibration_batches is 0
 SATURATION_WARN = 0.25  # a quantised activation with more of its evaluation values outside its range is named
 # (an observed range clips 0-5% of a validation batch; small CNNs two epochs into QAT from scratch 13-18% of
 # their logits, whose largest values grow; googlenet four steps from random init 100%)
@@ -80,6 +83,12 @@ class QuantizationAwareTraining(CompressionCallback):
             :func:`~lightning_compress.core.quantization.calibrate` does), instead of from the first
             training batch. Once per fit (a resumed fit keeps its ranges); each rank calibrates on its own
             batches and the ranges are then made one (the union).
+        scales: ``observed`` (the default) or ``learned``: step sizes trained by gradient descent (LSQ, Esser et
+            al. 2020) for weights (per channel) and layer inputs / outputs, started from a calibration at
+            ``start_epoch`` (``calibration_batches``, or :data:`LEARNED_CALIBRATION` batches where that is 0).
+            They are parameters of the model from setup on (in ``self.parameters()``, so in the optimizer
+            ``configure_optimizers`` builds, and in checkpoints); under DDP their gradients are averaged by
+            this callback. Residual-sum ranges stay observed; ``freeze_observers_epoch`` stops them learning.
         layer_bits: ``{module name or pattern: weight bits}`` for layers with a bit-width of their own (mixed
             precision, e.g. ``{"net.features.0.*": 8, "net.classifier.*": 4}``); the rest take ``weight_bits``.
             A layer that is factorised later passes its bits on to its factors. Weights are stored as int8
@@ -113,9 +122,12 @@ class QuantizationAwareTraining(CompressionCallback):
         exclude: Sequence[str] | str | None = None,
         layer_bits: dict[str, int] | None = None,
         calibration_batches: int = 0,
+        scales: Literal["observed", "learned"] = "observed",
         state_key_suffix: str = "",
     ) -> None:
-        self.config = core.QuantConfig(weight_bits, activation_bits, per_channel, observer, fold_bn=fold_bn)
+        self.config = core.QuantConfig(
+            weight_bits, activation_bits, per_channel, observer, fold_bn=fold_bn, scales=scales
+        )
         self.start_epoch: int = _epoch("start_epoch", start_epoch, optional=False) or 0
         self.freeze_observers_epoch = _epoch("freeze_observers_epoch", freeze_observers_epoch)
         self.freeze_bn_epoch = _epoch("freeze_bn_epoch", freeze_bn_epoch)
@@ -128,6 +140,8 @@ class QuantizationAwareTraining(CompressionCallback):
         if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 0:
             raise config_error("calibration_batches", "a whole number of training batches >= 0", calibration_batches)
         self.calibration_batches = calibration_batches
+        if scales == "learned" and not calibration_batches:
+            self.calibration_batches = LEARNED_CALIBRATION
         self.calibrated = False  # callback state: a resumed fit does not calibrate again
         self._bits: dict[str, int] = {}  # layer_bits resolved to the quantised layers (what a checkpoint keeps)
         self.float_layers: list[str] = []  # quantisable layers a plan keeps in float (see configure)
@@ -137,6 +151,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self._now = self._phase(0)
         self._warned_saturation = False
         self.bn_pairs: dict[str, str] = {}  # {layer: BatchNorm} folded, by name: restore() links them again
+        self._ddp_ignored: list[str] = []  # the learned step sizes DDP leaves to this callback
 
     @property
     @override
@@ -172,6 +187,7 @@ class QuantizationAwareTraining(CompressionCallback):
         others = [name for name in select_layers(pl_module) if name not in layers]
         self._bits = per_layer("layer_bits", self.layer_bits or {}, layers, left_out=(others, LEFT_IN_FLOAT))
         core.set_weight_bits(pl_module, self._bits)
+        self._leave_scales_to_us(pl_module)
         self._linked = False
         self._folded_bns = []
         if stage == "fit":
@@ -202,7 +218,35 @@ class QuantizationAwareTraining(CompressionCallback):
         core.keep_in_float(pl_module, self.float_layers)
         core.enable(pl_module, self._now["enabled"])
         core.freeze_observers(pl_module, self._now["observers_frozen"])
+        self._leave_scales_to_us(pl_module)  # before replace_modules wraps the model in DDP again
         self._linked = False
+
+    def _leave_scales_to_us(self, pl_module: pl.LightningModule) -> None:
+        """Keep the learned step sizes out of DDP's gradient sync (most are unused in any given step: before
+        ``start_epoch``, and wherever another quantiser covers a tensor, which DDP would fail on); this callback
+        averages their gradients itself (:meth:`on_before_optimizer_step`)."""
+        ours = set(self._ddp_ignored)
+        theirs = [n for n in getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []) if n not in ours]
+        self._ddp_ignored = sorted(core.learned_scales(pl_module))
+        if self._ddp_ignored or theirs:
+            pl_module._ddp_params_and_buffers_to_ignore = [*theirs, *self._ddp_ignored]  # type: ignore[assignment]
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Under DDP, average the learned step sizes' gradients over the ranks (one all-reduce)."""
+        if not self._ddp_ignored or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        # the same quantisers run on every rank, so every rank has gradients for the same ones
+        grads = [p.grad for p in core.learned_scales(pl_module).values() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for grad, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(chunk.view_as(grad))
 
     def configure(self, pl_module: pl.LightningModule, include: list[str], layer_bits: dict[str, int]) -> None:
         """Fake-quantise exactly these layers (at ``layer_bits`` where given) and keep the others in float, in
@@ -266,9 +310,11 @@ class QuantizationAwareTraining(CompressionCallback):
         core.reset_observers(pl_module)
         samples = core.observe(pl_module, inputs)
         core.sync_observers(pl_module)
+        learning = core.start_learning(pl_module) if self.config.scales == "learned" else 0
         rank_zero_info(
             f"QuantizationAwareTraining: activation ranges calibrated on {len(inputs)} training batches "
             f"({samples} samples) before the first fake-quantised step"
+            + (f"; {learning} step sizes learn from here" if learning else "")
         )
 
     @override
@@ -336,6 +382,7 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         phase = self._now
+        layers = core.quantized_layers(pl_module)
         widths = [high - low for low, high in core.observer_ranges(pl_module).values() if high >= low]
         figures = {
             "qat/enabled": float(phase["enabled"]),
@@ -343,8 +390,9 @@ class QuantizationAwareTraining(CompressionCallback):
             "qat/activation_bits": float(self.config.activation_bits),
             "qat/observers_frozen": float(phase["observers_frozen"]),
             "qat/bn_frozen": float(phase["bn_frozen"]),
-            "qat/quantized_layers": float(len(core.quantized_layers(pl_module))),
+            "qat/quantized_layers": float(len(layers)),
             "qat/calibration_batches": float(self.calibration_batches if self.calibrated else 0),
+            "qat/learned_layers": float(sum(core.scale_kinds(m) != "observed" for m in layers.values())),
         }
         if widths:
             figures["qat/range_mean"] = sum(widths) / len(widths)

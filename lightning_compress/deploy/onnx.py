@@ -141,7 +141,7 @@ def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[
         weight = weight_of(plain).detach()
         if bn is not None:
             weight = _fold_bn_into(plain, fp32.get_submodule(bn), weight)[0]
-        scale = q.weight_scale(weight, quant.bits, quant.per_channel).cpu()
+        scale = quant.scales(weight).cpu()  # max|w| / qmax of the folded weight, or the learned step sizes
         input_qdq = inputs.constant() if covers else None
         plan[name] = LayerQuant(quant.bits, scale, bn, input_qdq, None if bypass else outputs.constant())
     for name, module in q.quantized_sums(model).items():

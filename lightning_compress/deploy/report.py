@@ -20,8 +20,9 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
   where the SQNR rule failed and the model was run in float64);
 - ``structure``: ``physical`` (channels removed), ``removed_channels``, ``reason`` (why not);
 - ``layers``: one row per Conv/Linear layer: ``name``, ``sparsity``, ``rank`` (low-rank factors),
-  ``weight_bits``, ``scales`` (``observed``) and ``observed_batches`` (the batches its activation ranges were
-  observed on: calibration batches, or QAT steps) for fake-quantised layers, ``None`` for the others;
+  ``weight_bits``, ``scales`` (``observed``, ``learned``, or ``learned weights`` / ``learned activations``
+  where only some step sizes learn) and ``observed_batches`` (the batches its activation ranges were observed
+  on: calibration batches, or QAT steps) for fake-quantised layers, ``None`` for the others;
 - ``calibration`` (post-training quantisation only, :mod:`lightning_compress.app.quantize`): ``batches``,
   ``samples``, ``scales``, ``weight_bits``, ``equalized_pairs`` / ``equalization_skipped`` /
   ``equalization_max_change`` / ``clipped_pairs`` (``None`` without equalisation), ``bias_corrected``
@@ -41,7 +42,13 @@ from torch import Tensor, nn
 
 from lightning_compress.core.layers import select_layers, weight_of
 from lightning_compress.core.low_rank import LowRank
-from lightning_compress.core.quantization import INPUT_QUANT, OUTPUT_QUANT, quantized_layers, weight_quantizer
+from lightning_compress.core.quantization import (
+    INPUT_QUANT,
+    OUTPUT_QUANT,
+    quantized_layers,
+    scale_kinds,
+    weight_quantizer,
+)
 from lightning_compress.deploy.measure import summarize
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of, require
 
@@ -69,7 +76,7 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "sparsity": float((weight == 0).float().mean())}
         row["rank"] = int(weight.shape[0]) if name in first_factors else None  # the factorisation's (input) rank
         row["weight_bits"] = int(weight_quantizer(layer).bits) if name in quantized else None
-        row["scales"] = "observed" if name in quantized else None
+        row["scales"] = scale_kinds(layer) if name in quantized else None
         row["observed_batches"] = _observed(layer) if name in quantized else None
         rows.append(row)
     return rows

@@ -10,6 +10,7 @@ from lightning_compress import CompressionConfigError, MagnitudePruning, Quantiz
 from lightning_compress.core import quantization as q
 from lightning_compress.core.layers import select_layers, weight_of
 from lightning_compress.deploy.onnx import float_copy, int8_copy, pick_logits
+from lightning_compress.deploy.report import layer_rows
 from lightning_compress.deploy.verify import verify_int8
 from tests.helpers import Attending, TinyModule, fit, loaders, logged_metrics, sequences, trainer
 
@@ -96,10 +97,13 @@ def test_logs_qat_figures(tmp_path):
     assert float(metrics["qat/quantized_layers"]) == 4.0 and float(metrics["qat/range_max"]) > 0
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["tiny", "residual"])
-def test_resume_inside_qat_continues_with_the_same_observer_state(tmp_path, residual):
+@pytest.mark.parametrize(
+    ("residual", "scales"), [(False, "observed"), (True, "observed"), (True, "learned")],
+    ids=["tiny", "residual", "residual-learned"],
+)  # fmt: skip
+def test_resume_inside_qat_continues_with_the_same_observer_state(tmp_path, residual, scales):
     def run(ckpt_path=None, subdir="a"):
-        qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=3)
+        qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=3, scales=scales)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / subdir, save_top_k=-1, every_n_epochs=1)
         module = TinyModule(bn=True, residual=residual)
         _, module = fit([qat, checkpoint], module=module, max_epochs=4, ckpt_path=ckpt_path, enable_checkpointing=True)
@@ -120,6 +124,12 @@ def test_resume_inside_qat_continues_with_the_same_observer_state(tmp_path, resi
         with torch.no_grad():
             fake_quant, floats = full(batch), float_copy(full)(batch)
         verify_int8(path, int8_copy(full, batch[:1]), batch, fake_quant, floats, pick_logits)  # raises if off
+    if scales == "learned":  # the step sizes are in the checkpoint, learning, and still training after it
+        layer = full.get_submodule(first)
+        assert bool(saved[f"{first}.input_quant.learning"]) and q.scale_kinds(layer) == "learned"
+        start = saved[f"{first}.parametrizations.weight.0.ratio"]
+        assert not torch.equal(q.weight_quantizer(layer).ratio.detach(), start)
+        assert layer_rows(full)[0]["scales"] == "learned"
     resumed = run(ckpt_path=mid, subdir="b")
     assert q.observer_ranges(resumed) == q.observer_ranges(full)
     for key, value in full.state_dict().items():
@@ -178,6 +188,23 @@ def test_ddp_observer_ranges_identical_on_both_ranks(ddp_run):
     last = rank0["ranges"][max(rank0["ranges"])]
     assert all(high > low for name, (low, high) in last.items() if name not in rank0["bypassed"])
     assert rank0["bypassed"] == ["net.conv2.0.output_quant", "net.fc1.0.output_quant"]  # the next factor's input
+
+
+@pytest.mark.slow
+def test_ddp_learned_step_sizes_stay_identical_on_both_ranks_and_out_of_ddps_sync(ddp_learned_run):
+    rank0, rank1 = ddp_learned_run
+    steps = sorted(rank0["scales"])
+    assert len(steps) == 24 and steps == sorted(rank1["scales"])  # 3 epochs of 8 steps (64 samples a rank)
+    for step in steps:
+        for name, value in rank0["scales"][step].items():
+            assert torch.equal(value, rank1["scales"][step][name]), (step, name)
+    first_qat, last = rank0["scales"][9], rank0["scales"][steps[-1]]  # QAT from epoch 1 (step 9 is its first)
+    moved = [n for n in last if not torch.equal(last[n], first_qat[n])]
+    assert len(moved) >= len(last) // 2, moved  # the step sizes train (bypassed quantisers' do not)
+    for key, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][key]), key
+    assert rank0["learned_in_ddp"] == [] and rank0["sums"] == ["net.blocks.0", "net.blocks.1"]
+    assert set(rank0["kinds"].values()) <= {"learned", "learned weights"} and "learned" in rank0["kinds"].values()
 
 
 def test_attention_projections_are_quantised_and_the_int8_file_verifies(tmp_path):

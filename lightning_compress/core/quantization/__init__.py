@@ -21,6 +21,7 @@ from lightning_compress.core.quantization.attachment import (
     freeze_observers,
     is_attached,
     keep_in_float,
+    learned_scales,
     leave_uncalled_in_float,
     link_batchnorms,
     observer_ranges,
@@ -28,6 +29,7 @@ from lightning_compress.core.quantization.attachment import (
     quantized_layers,
     quantized_sums,
     saturation,
+    scale_kinds,
     set_input_quantizer,
     set_output_quantizer,
     set_sum_quantizer,
@@ -35,6 +37,7 @@ from lightning_compress.core.quantization.attachment import (
     share_inputs,
     share_ranges,
     shared_range_layers,
+    start_learning,
     strip,
     sum_modules,
     sync_observers,
@@ -43,7 +46,7 @@ from lightning_compress.core.quantization.attachment import (
     weight_bits,
     weight_quantizer,
 )
-from lightning_compress.core.quantization.config import OBSERVERS, QuantConfig, check_weight_bits
+from lightning_compress.core.quantization.config import OBSERVERS, SCALES, QuantConfig, check_weight_bits
 from lightning_compress.core.quantization.fake_quant import (
     BN_TYPES,
     ActivationFakeQuant,
@@ -53,6 +56,7 @@ from lightning_compress.core.quantization.fake_quant import (
     fake_quant_weight,
     qdq,
     weight_qmax,
+    weight_range,
     weight_scale,
 )
 from lightning_compress.core.quantization.ptq import (
@@ -70,6 +74,7 @@ __all__ = [
     "OBSERVERS",
     "OUTPUT_QUANT",
     "PTQ_CONFIG",
+    "SCALES",
     "SUM_QUANT",
     "ActivationFakeQuant",
     "Calibration",
@@ -89,6 +94,7 @@ __all__ = [
     "freeze_observers",
     "is_attached",
     "keep_in_float",
+    "learned_scales",
     "leave_uncalled_in_float",
     "link_batchnorms",
     "observe",
@@ -99,6 +105,7 @@ __all__ = [
     "quantized_sums",
     "reset_observers",
     "saturation",
+    "scale_kinds",
     "set_input_quantizer",
     "set_output_quantizer",
     "set_sum_quantizer",
@@ -106,6 +113,7 @@ __all__ = [
     "share_inputs",
     "share_ranges",
     "shared_range_layers",
+    "start_learning",
     "strip",
     "sum_modules",
     "sync_observers",
@@ -114,5 +122,6 @@ __all__ = [
     "weight_bits",
     "weight_qmax",
     "weight_quantizer",
+    "weight_range",
     "weight_scale",
 ]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.core.graph import analyze
-from lightning_compress.core.layers import attention_internals, select_layers
+from lightning_compress.core.layers import attention_internals, select_layers, weight_of
 from lightning_compress.core.quantization.config import QuantConfig, check_weight_bits
 from lightning_compress.core.quantization.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from lightning_compress.errors import CompressionConfigError
@@ -158,10 +158,16 @@ def attach(
                 quantizer = getattr(layer, attr)
                 quantizer.observer, quantizer.ema_decay = config.observer, config.ema_decay
             continue
-        parametrize.register_parametrization(layer, "weight", WeightFakeQuant(config.weight_bits, config.per_channel))
-        set_input_quantizer(layer, ActivationFakeQuant(config.activation_bits, config.observer, config.ema_decay))
-        output_quant = ActivationFakeQuant(config.activation_bits, config.observer, config.ema_decay)
-        set_output_quantizer(layer, layer, output_quant)
+        learned = config.scales == "learned"
+        channels = int(weight_of(layer).shape[0])
+        weight_quant = WeightFakeQuant(config.weight_bits, config.per_channel, learned, channels)
+        parametrize.register_parametrization(layer, "weight", weight_quant)
+        for attr in (INPUT_QUANT, OUTPUT_QUANT):
+            quantizer = ActivationFakeQuant(config.activation_bits, config.observer, config.ema_decay, learned)
+            if attr == INPUT_QUANT:
+                set_input_quantizer(layer, quantizer)
+            else:
+                set_output_quantizer(layer, layer, quantizer)
     if config.fold_bn and bn_pairs:
         link_batchnorms(model, bn_pairs)
     if _SUM_HOOK not in model.__dict__:
@@ -428,9 +434,48 @@ def keep_in_float(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
-    """Stop (or restart) updating the activation ranges."""
+    """Stop (or restart) updating the activation ranges, observed or learned (a frozen learned step size takes
+    no gradient)."""
     for quantizer in _activation_quantizers(model):
         cast(Tensor, quantizer.observing).fill_(not frozen)
+        if quantizer.learned:
+            quantizer.scale.requires_grad_(not frozen)
+
+
+def start_learning(model: nn.Module) -> int:
+    """Start every learned step size of ``model`` from its observed value: weights from their current
+    (BatchNorm-folded) ``max|w| / qmax``, activations from their observed ranges (calibrate first). Those not
+    learned, and activation quantisers that saw nothing (another quantiser covers their tensor), stay observed.
+    Returns how many quantisers learn now."""
+    started = 0
+    for layer in quantized_layers(model).values():
+        quant = weight_quantizer(layer)
+        if quant.learned and bool(quant.enabled):
+            quant.start_learning()
+            started += 1
+        for attr in (INPUT_QUANT, OUTPUT_QUANT):
+            quantizer = getattr(layer, attr)
+            started += bool(quantizer.enabled) and not quantizer.bypass and quantizer.start_learning()
+    return started
+
+
+def learned_scales(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{parameter name: parameter}`` of every learned step size of ``model`` (activations' ``scale``, weights'
+    ``ratio`` to ``max|w| / qmax``), whether it trains yet or not."""
+    ours = {id(p) for layer in quantized_layers(model).values() for q in _layer_quantizers(layer) if q.learned
+            for p in q.parameters(recurse=False)}  # fmt: skip
+    return {name: param for name, param in model.named_parameters() if id(param) in ours}
+
+
+def scale_kinds(layer: nn.Module) -> str:
+    """How a quantised layer's scales are set: ``observed``, ``learned`` (weights and activations) or
+    ``learned weights`` / ``learned activations`` where only some learn."""
+    weight = weight_quantizer(layer).scale_kind == "learned"
+    active = [getattr(layer, a) for a in (INPUT_QUANT, OUTPUT_QUANT) if not getattr(layer, a).bypass]
+    activations = any(q.scale_kind == "learned" for q in active)
+    if weight and activations:
+        return "learned"
+    return "learned weights" if weight else "learned activations" if activations else "observed"
 
 
 def folded_batchnorms(model: nn.Module) -> list[nn.Module]:

@@ -12,6 +12,7 @@ from typing import Any
 from lightning_compress.errors import config_error, did_you_mean, one_of
 
 OBSERVERS = ("minmax", "ema")
+SCALES = ("observed", "learned")
 
 
 WEIGHT_BITS = (2, 8)  # the widths fake quantisation supports (stored as int8 in an exported model)
@@ -38,6 +39,9 @@ class QuantConfig:
         ema_decay: the moving average's decay for ``ema``, reached after a warm-up
             (``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` batches).
         fold_bn: quantise Conv weights with the following BatchNorm folded in.
+        scales: ``observed`` (weight scales from ``max|w|``, activation ranges from the observer, all along)
+            or ``learned``: step sizes trained by gradient descent from a calibrated start (LSQ, Esser et
+            al. 2020), weights (per channel) and layer inputs / outputs; residual-sum ranges stay observed.
     """
 
     weight_bits: int = 8
@@ -46,6 +50,7 @@ class QuantConfig:
     observer: str = "ema"
     ema_decay: float = 0.99
     fold_bn: bool = True
+    scales: str = "observed"
 
     def __post_init__(self) -> None:
         check_weight_bits("weight_bits", self.weight_bits)
@@ -55,6 +60,8 @@ class QuantConfig:
         if self.observer not in OBSERVERS:
             hint = did_you_mean(str(self.observer), OBSERVERS)
             raise config_error("observer", one_of(OBSERVERS), self.observer, hint)
+        if self.scales not in SCALES:
+            raise config_error("scales", one_of(SCALES), self.scales, did_you_mean(str(self.scales), SCALES))
         if not isinstance(self.ema_decay, float) or not 0.0 < self.ema_decay < 1.0:
             raise config_error("ema_decay", "a float in (0, 1)", self.ema_decay)
         for name in ("per_channel", "fold_bn"):

@@ -9,12 +9,17 @@ straight-through gradients), which export to ONNX ``QuantizeLinear``/``Dequantiz
   ``w * gamma / sqrt(running_var + eps)`` and divides the scale back out (Jacob et al. 2018);
 - :class:`ActivationFakeQuant` quantises an activation per tensor (affine, unsigned) with a
   min/max or moving-average observer;
+- with ``learned=True`` both hold their step size(s) as a parameter trained by gradient descent once
+  :meth:`~WeightFakeQuant.start_learning` has set it from the observed value (LSQ, Esser et al. 2020:
+  the straight-through estimator for the input, the step size's gradient scaled by
+  ``1 / sqrt(elements * qmax)``; torch's ``_fake_quantize_learnable_*`` ops);
 - :class:`ConstantQDQ` / :func:`qdq` are the export-time fixed-range versions that become ONNX Q/DQ.
 """
 
 from __future__ import annotations
 
-from typing import cast
+import math
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +33,8 @@ __all__ = [
 
 
 WARMED_UP = 10**6  # the update count of an observer whose checkpoint predates the count: at the full decay
+MIN_WEIGHT_STEP_SHARE = 0.01  # a learned weight step is at least this share of max|w| / qmax
+MIN_STEP = 1e-8  # a learned step size is kept at least this large (gradient descent may push it through zero)
 
 
 def weight_qmax(bits: int) -> int:
@@ -42,14 +49,17 @@ def weight_scale(weight: Tensor, bits: int, per_channel: bool) -> Tensor:
     return (amax / weight_qmax(bits)).clamp_min(1e-12).float()
 
 
-def fake_quant_weight(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """Symmetric fake quantisation with the given scale(s) (one, or one per output channel).
-
-    The ONNX-legal range ``[-128, 127]`` is used for the op itself: values beyond ``±qmax`` cannot
-    occur because the scale is ``max|w| / qmax`` (or the weight already lies on that grid).
-    """
+def weight_range(bits: int) -> tuple[int, int]:
+    """The integer range weights of ``bits`` bits are rounded into: int8's ``[-128, 127]`` at 8 bits (the
+    ONNX-legal range), ``±qmax`` below (4 bits: ``[-7, 7]``, what the 4-bit storage holds)."""
     qmax = weight_qmax(bits)
-    low, high = (-128, 127) if bits == 8 else (-qmax, qmax)
+    return (-128, 127) if bits == 8 else (-qmax, qmax)
+
+
+def fake_quant_weight(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Symmetric fake quantisation with the given scale(s) (one, or one per output channel), rounded into
+    :func:`weight_range`: with the observed scale ``max|w| / qmax`` nothing clips; a learned one may clip."""
+    low, high = weight_range(bits)
     zero = torch.zeros(scale.numel(), dtype=torch.int32, device=weight.device)
     if scale.numel() == 1:
         return torch.fake_quantize_per_tensor_affine(weight, scale.to(weight.device), zero[0], low, high)
@@ -90,14 +100,42 @@ class ConstantQDQ(Internal, nn.Module):
         return cast(Tensor, qdq(x, scale, zero_point, self.axis, self.qmin, self.qmax))
 
 
-class WeightFakeQuant(Internal, nn.Module):
-    """Parametrization of a Conv/Linear ``weight``: its fake-quantised (BN-folded) value."""
+class _GradScale(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``factor`` (broadcast) backward."""
 
-    def __init__(self, bits: int, per_channel: bool) -> None:
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: Tensor) -> Tensor:
+        ctx.save_for_backward(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None
+
+
+class WeightFakeQuant(Internal, nn.Module):
+    """Parametrization of a Conv/Linear ``weight``: its fake-quantised (BN-folded) value.
+
+    The observed scale is ``max|w| / qmax`` of the folded weight, per output channel (or one), at every
+    step. With ``learned``, once :meth:`start_learning` has run (buffer ``learning``), the step is
+    ``ratio x max|w| / qmax`` with ``ratio`` a parameter in ``[MIN_WEIGHT_STEP_SHARE, 1]`` (started at 1),
+    trained by LSQ's gradient (Esser et al. 2020) with its update rescaled so that a step of ``ratio`` moves
+    the step size as LSQ's own update would. Held relative to ``max|w|`` because a Conv before a BatchNorm is
+    free to change a channel's magnitude (the BatchNorm normalises it away): in a test, weights grew ~100x
+    during QAT and an absolute learned step, left behind, clipped a channel to 1/100 of its range. A ratio
+    above 1 would clip nothing and only round coarser.
+    """
+
+    def __init__(self, bits: int, per_channel: bool, learned: bool = False, channels: int = 1) -> None:
         super().__init__()
         self.bits = bits
         self.per_channel = per_channel
+        self.learned = learned
         self.register_buffer("enabled", torch.tensor(False))
+        if learned:
+            self.ratio = nn.Parameter(torch.ones(channels if per_channel else 1))
+            self.register_buffer("learning", torch.tensor(False))
         self._bn: list[nn.Module] = []  # a plain list: the BatchNorm stays owned by the user's model
 
     @property
@@ -105,19 +143,65 @@ class WeightFakeQuant(Internal, nn.Module):
         """The BatchNorm folded into this weight, if any."""
         return self._bn[0] if self._bn else None
 
+    @property
+    def scale_kind(self) -> str:
+        """``learned`` once the step sizes train, else ``observed``."""
+        return "learned" if self.learned and bool(self.learning) else "observed"
+
     def fold_factor(self, weight: Tensor) -> Tensor | None:
         """Per-channel factor broadcastable to ``weight``, or ``None`` without a BatchNorm."""
         if self.bn is None:
             return None
         return bn_fold_factor(self.bn).detach().reshape(-1, *([1] * (weight.dim() - 1)))
 
+    def folded(self, weight: Tensor) -> Tensor:
+        """``weight`` with the BatchNorm folded in (``weight`` itself without one)."""
+        factor = self.fold_factor(weight)
+        return weight if factor is None else weight * factor
+
+    def scales(self, folded: Tensor) -> Tensor:
+        """The scale(s) this quantiser uses for ``folded`` now (detached): learned, or ``max|w| / qmax``."""
+        observed = weight_scale(folded, self.bits, self.per_channel)
+        if self.scale_kind == "learned":
+            return (self._ratio().detach().to(observed.device) * observed).clamp_min(MIN_STEP)
+        return observed
+
+    def _ratio(self) -> Tensor:
+        return self.ratio.clamp(MIN_WEIGHT_STEP_SHARE, 1.0)
+
+    @torch.no_grad()
+    def start_learning(self) -> None:
+        """Start learning the step sizes from the observed ones (``ratio`` 1)."""
+        if self.learned:
+            self.ratio.fill_(1.0)
+            cast(Tensor, self.learning).fill_(True)
+
     def forward(self, weight: Tensor) -> Tensor:
         if not bool(self.enabled):
             return weight
         factor = self.fold_factor(weight)
         folded = weight if factor is None else weight * factor
-        quantised = fake_quant_weight(folded, weight_scale(folded, self.bits, self.per_channel), self.bits)
+        if self.scale_kind == "learned":
+            quantised = self._learned(folded)
+        else:
+            quantised = fake_quant_weight(folded, weight_scale(folded, self.bits, self.per_channel), self.bits)
         return quantised if factor is None else quantised / factor
+
+    def _learned(self, folded: Tensor) -> Tensor:
+        with torch.no_grad():  # a projected gradient step: the stored ratios stay within the bounds
+            self.ratio.clamp_(MIN_WEIGHT_STEP_SHARE, 1.0)
+        observed = weight_scale(folded, self.bits, self.per_channel)
+        # d step / d ratio = observed: rescale the ratio's gradient by 1 / observed**2 so that a step of the
+        # ratio changes the step size by LSQ's own update (the step's gradient times the learning rate)
+        ratio = _GradScale.apply(self.ratio, observed.square().clamp_min(MIN_STEP).reciprocal())
+        step = (ratio * observed).clamp_min(MIN_STEP)
+        low, high = weight_range(self.bits)
+        per_scale = folded.numel() // step.numel()  # LSQ: the step's gradient scaled by 1/sqrt(N * qmax)
+        grad_factor = 1.0 / math.sqrt(per_scale * weight_qmax(self.bits))
+        zero = torch.zeros(step.numel(), device=folded.device)
+        if step.numel() == 1:
+            return torch._fake_quantize_learnable_per_tensor_affine(folded, step, zero, low, high, grad_factor)
+        return torch._fake_quantize_learnable_per_channel_affine(folded, step, zero, 0, low, high, grad_factor)
 
 
 class ActivationFakeQuant(Internal, nn.Module):
@@ -133,13 +217,22 @@ class ActivationFakeQuant(Internal, nn.Module):
     With ``watch`` set, evaluation-mode calls count the elements that fall outside the range
     (``clipped`` of ``seen``, on the tensor's device, not in checkpoints): ranges are observed in
     training mode, and evaluation (BatchNorm on running statistics) can put values far beyond them.
+
+    With ``learned``, :meth:`start_learning` turns the observed range into a step-size parameter ``scale``
+    (the zero point, buffer ``zero_point``, stays where the observed range put it) that gradient descent
+    trains from then on (buffer ``learning``); the observer no longer runs.
     """
 
-    def __init__(self, bits: int = 8, observer: str = "ema", ema_decay: float = 0.99) -> None:
+    def __init__(self, bits: int = 8, observer: str = "ema", ema_decay: float = 0.99, learned: bool = False) -> None:
         super().__init__()
         self.bits = bits
         self.observer = observer
         self.ema_decay = ema_decay
+        self.learned = learned
+        if learned:
+            self.scale = nn.Parameter(torch.ones(1))
+            self.register_buffer("zero_point", torch.zeros(1))
+            self.register_buffer("learning", torch.tensor(False))
         self.bypass = False  # set per process by share_ranges() / share_inputs(): another quantiser covers this tensor
         self.register_buffer("enabled", torch.tensor(False))
         self.register_buffer("observing", torch.tensor(True))
@@ -154,6 +247,23 @@ class ActivationFakeQuant(Internal, nn.Module):
     def initialised(self) -> bool:
         """Whether the observer has seen data."""
         return bool(torch.isfinite(cast(Tensor, self.min_val)))
+
+    @property
+    def scale_kind(self) -> str:
+        """``learned`` once the step size trains, else ``observed``."""
+        return "learned" if self.learned and bool(self.learning) else "observed"
+
+    @torch.no_grad()
+    def start_learning(self) -> bool:
+        """Start the learned step size from the observed range; ``False`` (nothing changes) where the observer
+        has seen no data (a bypassed quantiser) or the step size is not learned."""
+        if not self.learned or not self.initialised:
+            return False
+        scale, zero_point = self.qparams()
+        self.scale.fill_(scale)
+        cast(Tensor, self.zero_point).fill_(zero_point)
+        cast(Tensor, self.learning).fill_(True)
+        return True
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -179,8 +289,11 @@ class ActivationFakeQuant(Internal, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
 
     def qparams(self) -> tuple[float, int]:
-        """(scale, zero point) of the observed range, as Python numbers (constants in an export)."""
+        """(scale, zero point) of the observed range, or the learned step size and its zero point, as Python
+        numbers (constants in an export)."""
         qmax = 2**self.bits - 1
+        if self.scale_kind == "learned":
+            return max(float(self.scale.detach()), MIN_STEP), int(cast(Tensor, self.zero_point))
         low = min(float(cast(Tensor, self.min_val)), 0.0)
         high = max(float(cast(Tensor, self.max_val)), 0.0)
         scale = max((high - low) / qmax, 1e-8)
@@ -195,6 +308,8 @@ class ActivationFakeQuant(Internal, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.bypass or not bool(self.enabled):
             return x
+        if self.scale_kind == "learned":
+            return self._learned(x)
         if bool(self.observing) and self.training:
             self.observe(x)
         if not self.initialised:
@@ -209,3 +324,14 @@ class ActivationFakeQuant(Internal, nn.Module):
         low, high = (-zero_point - 0.5) * scale, (2**self.bits - 1 - zero_point + 0.5) * scale
         cast(Tensor, self.clipped).add_(((x < low) | (x > high)).sum())
         cast(Tensor, self.seen).add_(x.numel())
+
+    def _learned(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.scale.clamp_(min=MIN_STEP)
+        qmax = 2**self.bits - 1
+        if self.watch and not self.training:
+            self._count_clipped(x, float(self.scale.detach()), int(cast(Tensor, self.zero_point)))
+        features = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()  # LSQ: per sample
+        grad_factor = 1.0 / math.sqrt(features * qmax)
+        zero_point = cast(Tensor, self.zero_point)
+        return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, zero_point, 0, qmax, grad_factor)

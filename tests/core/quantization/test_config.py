@@ -14,6 +14,7 @@ from lightning_compress.errors import CompressionConfigError
         ({"ema_decay": 1.0}, r"`ema_decay` must be a float in \(0, 1\), got 1.0"),
         ({"per_channel": 1}, "`per_channel` must be True or False, got 1"),
         ({"fold_bn": "no"}, "`fold_bn` must be True or False, got 'no'"),
+        ({"scales": "learnd"}, "`scales` must be one of 'observed', 'learned', got 'learnd'.*did you mean 'learned'"),
     ],
 )
 def test_config_errors(kwargs, message):
@@ -22,7 +23,7 @@ def test_config_errors(kwargs, message):
 
 
 def test_config_round_trips_through_a_dict():
-    config = q.QuantConfig(weight_bits=4, observer="minmax")
+    config = q.QuantConfig(weight_bits=4, observer="minmax", scales="learned")
     assert q.QuantConfig.from_dict(config.to_dict()) == config
     with pytest.raises(CompressionConfigError, match=r"`quantization key` must be one of .* got 'bits'"):
         q.QuantConfig.from_dict({"bits": 4})

@@ -96,3 +96,76 @@ def test_evaluation_counts_values_outside_the_observed_range_only_while_watched(
     q.watch_saturation(net)
     net(x * 100)  # training mode observes: it does not count
     assert set(q.saturation(net).values()) <= {0.0} and "conv1.input_quant.clipped" not in net.state_dict()
+
+
+# -- learned step sizes (LSQ, Esser et al. 2020) ------------------------------------------------------------
+def test_a_learned_weight_step_follows_the_lsq_formula_on_a_hand_checked_example():
+    # 4 bits: integers in [-7, 7]. Weight row [0.3, -0.9, 2.0]: observed step m = 2 / 7. At ratio 0.875 the
+    # step is 0.25: w / s = [1.2, -3.6, 8.0] -> rounded [1, -4, 7 (clipped)] -> [0.25, -1.0, 1.75]. LSQ's
+    # d q / d s: round(v) - v inside the range ([-0.2, -0.4]), the clipped bound outside (7), times the gradient
+    # scale 1 / sqrt(3 elements * 7); the ratio's gradient is that divided by m (d s / d ratio = m, rescaled
+    # by 1 / m**2 so that the ratio's step moves s as LSQ's would).
+    quant = q.WeightFakeQuant(bits=4, per_channel=True, learned=True, channels=1)
+    quant.enabled.fill_(True)
+    weight = torch.tensor([[0.3, -0.9, 2.0]], requires_grad=True)
+    quant.start_learning()
+    assert quant.ratio.item() == 1.0 and quant.scales(weight).item() == pytest.approx(2.0 / 7)  # starts observed
+    with torch.no_grad():
+        quant.ratio.fill_(0.875)
+    out = quant(weight)
+    assert torch.allclose(out, torch.tensor([[0.25, -1.0, 1.75]]))
+    out.sum().backward()
+    lsq = (-0.2 - 0.4 + 7) / (3 * 7) ** 0.5
+    assert quant.ratio.grad.item() == pytest.approx(lsq / (2.0 / 7), rel=1e-5)
+    assert torch.equal(weight.grad, torch.tensor([[1.0, 1.0, 0.0]]))  # straight through, zero where clipped
+    assert quant.scales(weight).item() == pytest.approx(0.25) and quant.scale_kind == "learned"
+    with torch.no_grad():
+        quant.ratio.fill_(3.0)  # above 1 would clip nothing and round coarser: kept at the observed step
+    quant(weight)
+    assert quant.ratio.item() == 1.0 and quant.scales(weight * 10).item() == pytest.approx(20.0 / 7)  # follows max|w|
+
+
+def test_a_learned_activation_step_starts_from_the_observed_range_and_follows_lsq():
+    quant = q.ActivationFakeQuant(learned=True)
+    quant.enabled.fill_(True)
+    quant.train()
+    x = torch.tensor([[0.0, 1.0, 2.55]])  # observed [0, 2.55]: step 0.01, zero point 0
+    quant(x)
+    assert quant.scale_kind == "observed" and quant.start_learning()
+    assert quant.qparams() == (pytest.approx(0.01), 0) and quant.scale_kind == "learned"
+    with torch.no_grad():
+        quant.scale.fill_(0.004)  # 0 -> 0; 1.0 -> 250; 2.55 -> 637.5, clipped to 255
+    x = x.clone().requires_grad_(True)
+    out = quant(x)
+    assert torch.allclose(out, torch.tensor([[0.0, 1.0, 1.02]]))
+    out.sum().backward()
+    assert quant.scale.grad.item() == pytest.approx(255 / (3 * 255) ** 0.5, rel=1e-5)  # only the clipped value
+    assert torch.equal(x.grad, torch.tensor([[1.0, 1.0, 0.0]]))
+    before = (quant.min_val.clone(), quant.max_val.clone())
+    quant(torch.full((1, 3), 9.0))  # the observer no longer runs
+    assert torch.equal(quant.min_val, before[0]) and torch.equal(quant.max_val, before[1])
+
+
+def test_an_unobserved_quantiser_does_not_start_learning_and_observed_ones_have_no_step_parameter():
+    assert not q.ActivationFakeQuant(learned=True).start_learning()
+    assert list(q.ActivationFakeQuant().parameters()) == [] and list(q.WeightFakeQuant(8, True).parameters()) == []
+
+
+def test_learned_scales_are_model_parameters_from_attach_on_and_start_from_a_calibration():
+    net, x = quantised(config=q.QuantConfig(weight_bits=4, scales="learned"))
+    scales = q.learned_scales(net)
+    layers = q.quantized_layers(net)
+    assert len(scales) == 3 * len(layers)  # weight, input and output of every layer
+    assert set(scales.values()) <= set(net.parameters())
+    q.reset_observers(net)
+    q.observe(net, [x])
+    q.enable(net)
+    assert q.start_learning(net) >= len(layers)
+    for name, layer in layers.items():
+        quant = q.weight_quantizer(layer)
+        expected = q.weight_scale(quant.folded(weight_of(layer)), 4, True)
+        assert torch.allclose(quant.scales(quant.folded(weight_of(layer))), expected), name
+        assert q.scale_kinds(layer) == "learned"
+    loss = net(x).square().mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in scales.items() if n.endswith("ratio"))
