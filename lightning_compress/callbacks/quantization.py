@@ -88,7 +88,8 @@ class QuantizationAwareTraining(CompressionCallback):
             ``start_epoch`` (``calibration_batches``, or :data:`LEARNED_CALIBRATION` batches where that is 0).
             They are parameters of the model from setup on (in ``self.parameters()``, so in the optimizer
             ``configure_optimizers`` builds, and in checkpoints); under DDP their gradients are averaged by
-            this callback. Residual-sum ranges stay observed; ``freeze_observers_epoch`` stops them learning.
+            this callback. Residual-sum ranges stay observed; ``freeze_observers_epoch`` stops the activation
+            steps learning (the weight steps follow ``max|w|`` and keep learning their ratio to it).
         layer_bits: ``{module name or pattern: weight bits}`` for layers with a bit-width of their own (mixed
             precision, e.g. ``{"net.features.0.*": 8, "net.classifier.*": 4}``); the rest take ``weight_bits``.
             A layer that is factorised later passes its bits on to its factors. Weights are stored as int8
@@ -230,6 +231,19 @@ class QuantizationAwareTraining(CompressionCallback):
         self._ddp_ignored = sorted(core.learned_scales(pl_module))
         if self._ddp_ignored or theirs:
             pl_module._ddp_params_and_buffers_to_ignore = [*theirs, *self._ddp_ignored]  # type: ignore[assignment]
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        scales = core.learned_scales(pl_module)
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        trained = {id(p) for group in groups for p in group["params"]}
+        missing = sorted(name for name, param in scales.items() if id(param) not in trained)
+        if missing:
+            rank_zero_warn(
+                f"QuantizationAwareTraining(scales='learned'): {len(missing)} of {len(scales)} step sizes are in no "
+                f"optimizer (e.g. {missing[0]!r}), so they will not learn. HINT: build the optimizer from "
+                "self.parameters() (the step sizes are parameters of the model from setup on)"
+            )
 
     @override
     def on_before_optimizer_step(

@@ -310,3 +310,18 @@ def test_layer_bits_naming_no_quantised_layer_fail_at_setup():
         fit([QuantizationAwareTraining(layer_bits={"net.fc3": 4})], max_epochs=1)
     with pytest.raises(CompressionConfigError, match=r"`layer_bits\['net.fc2'\]` names \['net.fc2'\], which Quant"):
         fit([QuantizationAwareTraining(exclude=["net.fc2"], layer_bits={"net.fc2": 4})], max_epochs=1)
+
+
+class OwnParameterList(TinyModule):
+    """A user's optimizer over the parameters as they were before QAT added its step sizes."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for n, p in self.named_parameters() if not n.endswith(("ratio", "scale"))], lr=0.05)
+
+
+def test_learned_step_sizes_no_optimizer_holds_are_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"step sizes are in no optimizer \(e.g. 'net\.conv1\..*HINT: build"):
+        fit([QuantizationAwareTraining(scales="learned")], module=OwnParameterList(), max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*step sizes are in no optimizer")
+        fit([QuantizationAwareTraining(scales="learned")], module=TinyModule(), max_epochs=1)
