@@ -260,6 +260,9 @@ def test_validation_names_activations_that_clip_at_their_training_ranges(stale, 
     # in evaluation, silently. Stale BatchNorm statistics (momentum 0, variance 1e-4) are named; an ordinary
     # QAT fit from scratch is not: before the observer's warm-up its logits clipped in 88% of validation (the
     # moving average at 0.99 followed logits that grew 1% a step; observed [-1.1, 0.5], evaluated [-5.7, 3.8]).
+    # The model's initial weights are seeded: drawn from whatever state earlier tests left, the worst share
+    # ranged 0.001-0.219 over 8 inits (never warned: the threshold is 0.25), and 0.125 failed `< 0.1` once.
+    torch.manual_seed(0)
     module = TinyModule(bn=True)
     if stale:
         module.net.bn1.momentum = 0.0
