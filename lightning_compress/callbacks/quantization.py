@@ -152,7 +152,8 @@ class QuantizationAwareTraining(CompressionCallback):
         self._now = self._phase(0)
         self._warned_saturation = False
         self.bn_pairs: dict[str, str] = {}  # {layer: BatchNorm} folded, by name: restore() links them again
-        self._ddp_ignored: list[str] = []  # the learned step sizes DDP leaves to this callback
+        self._ddp_ignored: list[str] = []  # the learned step sizes DDP leaves to this callback, by name
+        self._step_sizes: list[nn.Parameter] = []  # the same parameters (what each optimizer step averages)
 
     @property
     @override
@@ -228,7 +229,8 @@ class QuantizationAwareTraining(CompressionCallback):
         averages their gradients itself (:meth:`on_before_optimizer_step`)."""
         ours = set(self._ddp_ignored)
         theirs = [n for n in getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []) if n not in ours]
-        self._ddp_ignored = sorted(core.learned_scales(pl_module))
+        scales = core.learned_scales(pl_module)
+        self._ddp_ignored, self._step_sizes = sorted(scales), list(scales.values())
         if self._ddp_ignored or theirs:
             pl_module._ddp_params_and_buffers_to_ignore = [*theirs, *self._ddp_ignored]  # type: ignore[assignment]
 
@@ -253,7 +255,7 @@ class QuantizationAwareTraining(CompressionCallback):
         if not self._ddp_ignored or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
         # the same quantisers run on every rank, so every rank has gradients for the same ones
-        grads = [p.grad for p in core.learned_scales(pl_module).values() if p.grad is not None]
+        grads = [p.grad for p in self._step_sizes if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
