@@ -211,7 +211,7 @@ def test_the_full_combination_on_resnet18(tmp_path):
     callbacks = [
         LowRankFactorization(epoch=1, ratio=0.5, include=["model.layer4.1.conv2", "model.fc"]),
         MagnitudePruning(final_sparsity=0.5, pattern="channel", scope="layer", end_epoch=1),
-        QuantizationAwareTraining(start_epoch=1),
+        QuantizationAwareTraining(start_epoch=1, layer_bits={"model.layer3.*": 4}),  # mixed precision, packed
         KnowledgeDistillation(teacher),
         CompressionExport(tmp_path / "out", plots=False, val_batches=1),
     ]
@@ -224,6 +224,10 @@ def test_the_full_combination_on_resnet18(tmp_path):
     assert report["structure"]["physical"] and report["after"]["params"] < 0.5 * report["before"]["params"]
     # the int8 file is physically smaller too: about a quarter of the (already smaller) fp32 file
     assert report["files"]["onnx_int8"]["bytes"] < 0.4 * report["files"]["onnx"]["bytes"]
+    # layer3's 4-bit weights, channels removed, are stored two to a byte; every other layer a byte a weight
+    storage = report["files"]["onnx_int8"]["storage"]
+    layer3 = {row["name"] for row in report["layers"] if row["name"].startswith("model.layer3.")}
+    assert storage["int8_storage_reason"] is None and storage["packed"] == dict.fromkeys(layer3, 4)
     assert isinstance(student.model.layer4[1].conv2, LowRank)
     # the 4-class head is named, but at the rank floor (4) its factors would not save parameters (#14:
     # this run used to factorise it to rank 1)

@@ -161,6 +161,18 @@ def test_ptq_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_int4_storage_benchmark_smoke(tmp_path):
+    args = ["--models", "cnn_small", "--data", "digits", "--epochs", "1", "--runs", "2", "--rounds", "1"]
+    stdout = run_benchmark("int4_storage.py", [*args, "--load-repeats", "1", "--threads", "1"], tmp_path)
+    assert "| cnn_small | packed |" in stdout and "| cnn_small | opset21-int4 |" in stdout
+    found = json.loads((tmp_path / "int4_storage.json").read_text())["results"]["cnn_small"]
+    figures = found["figures"]
+    assert found["verified"] and found["storage"]["packed"] and found["int4_rewritten"] > 0
+    assert figures["packed"]["bytes"] < 0.7 * figures["int8-stored"]["bytes"]
+    assert figures["packed"]["acc"] == figures["int8-stored"]["acc"] == figures["opset21-int4"]["acc"]
+
+
+@pytest.mark.slow
 def test_learned_scales_benchmark_smoke(tmp_path):
     args = ["--models", "cnn_small", "--data", "digits", "--seeds", "0", "--epochs", "2", "--qat-epochs", "1"]
     stdout = run_benchmark("learned_scales.py", [*args, "--threads", "1"], tmp_path)

@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime checks")
     quantize.add_argument("--int8-weights", choices=WEIGHT_TYPES, default="auto", help="as for `export`")
+    quantize.add_argument("--no-pack", action="store_true", help="as for `export`")
     quantize.add_argument("--python-path", action="append", default=[], metavar="DIR", help="as for `fit`")
     export = commands.add_parser(
         "export", help="write verified ONNX fp32 / int8 files, a checkpoint and a report from a checkpoint"
@@ -120,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--int8-weights", choices=WEIGHT_TYPES, default="auto", help="how model.int8.onnx stores its weights: int8 "
         "(fastest on x86 with VNNI and on ARM), uint8 (exact in ONNX Runtime on every CPU) or auto (by this CPU)"
+    )
+    export.add_argument(
+        "--no-pack", action="store_true", help="store 4- and 2-bit weights as int8 (default: packed two or four to "
+        "a byte, unpacked by ONNX Runtime at load)"
     )
     return parser
 
@@ -155,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             report = quantize_source(
                 args.source, args.out, args.calib_batches, args.weight_bits, args.equalize, args.bias_correction,
-                args.data, extra, args.python_path, not args.no_verify, args.int8_weights,
+                args.data, extra, args.python_path, not args.no_verify, args.int8_weights, not args.no_pack,
             )  # fmt: skip
             after, baseline = report["after"], report["baseline"]
             line = f"wrote {', '.join(sorted(report['files']))} and report.json to {args.out}"
@@ -188,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             export_checkpoint(
                 args.checkpoint, args.out, args.data, args.formats, not args.no_verify, not args.no_physical,
-                args.baseline, args.int8_weights,
+                args.baseline, args.int8_weights, not args.no_pack,
             )
     except CompressionConfigError as err:
         print(f"lightning-compress: error: {err}", file=sys.stderr)

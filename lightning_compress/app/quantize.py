@@ -36,9 +36,11 @@ def quantize_source(
     python_path: Sequence[str] = (),
     verify: bool = True,
     int8_weights: str = "auto",
+    pack_weights: bool = True,
 ) -> dict[str, Any]:
     """``lightning-compress quantize``: the model of ``source`` (a checkpoint or a recipe) calibrated on
-    ``calib_batches`` training batches and written as a bundle into ``out``; returns the report."""
+    ``calib_batches`` training batches and written as a bundle into ``out`` (``int8_weights``, ``pack_weights``
+    as in :class:`~lightning_compress.CompressionExport`); returns the report."""
     from lightning_compress.core import quantization as q
     from lightning_compress.deploy.bundle import write_bundle
     from lightning_compress.deploy.onnx import float_copy
@@ -72,7 +74,7 @@ def quantize_source(
     checkpoint["callbacks"] = {**(checkpoint.get("callbacks") or {}), PTQ_STATE: done.state()}
     report = write_bundle(
         module, before, out, val[0][0][:2], val, ["onnx", "onnx_int8", "checkpoint"], checkpoint, verify,
-        baselines={"fp32": fp32}, int8_weights=cast(WeightType, int8_weights),
+        baselines={"fp32": fp32}, int8_weights=cast(WeightType, int8_weights), pack_weights=pack_weights,
         sections={"calibration": calibration_report(done)},
     )  # fmt: skip
     return report

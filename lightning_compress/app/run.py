@@ -28,10 +28,11 @@ def export_checkpoint(
     physical: bool = True,
     baseline: str | None = None,
     int8_weights: str = "auto",
+    pack_weights: bool = True,
 ) -> dict[str, Any]:
     """``lightning-compress export``: rebuild the compressed model from ``path`` and write the bundle; the report
-    compares its accuracy with the ``baseline`` checkpoint's (none by default); ``int8_weights`` as in
-    :class:`~lightning_compress.CompressionExport`."""
+    compares its accuracy with the ``baseline`` checkpoint's (none by default); ``int8_weights`` and
+    ``pack_weights`` as in :class:`~lightning_compress.CompressionExport`."""
     from lightning_compress.core.quantization import quantized_layers
     from lightning_compress.deploy.bundle import write_bundle
     from lightning_compress.deploy.onnx import float_copy
@@ -58,7 +59,7 @@ def export_checkpoint(
         raise CompressionConfigError(f"{path!r} has no fake quantisation: `onnx_int8` needs a run with QAT")
     report = write_bundle(
         model, before, out, val[0][0][:2], val, chosen, dict(checkpoint), verify, physical, baselines=baselines,
-        int8_weights=cast(WeightType, int8_weights),
+        int8_weights=cast(WeightType, int8_weights), pack_weights=pack_weights,
     )
     after, first = report["after"], report["before"]
     accuracy = 100 * after.get("ort_accuracy", 0.0)

@@ -81,6 +81,10 @@ class CompressionExport(CompressionCallback):
             u8s8 kernels are exact: x86 with VNNI, ARM), ``"uint8"`` (zero point 128: the same values, exact
             on every CPU, including x86 without VNNI, where int8 weights saturate), or ``"auto"`` (default: by
             the CPU the export runs and is verified on). ``report.json``'s ``files.onnx_int8`` says which and why.
+        pack_weights: store weights of 4 bits or fewer packed in ``model.int8.onnx`` (two or four to a byte;
+            ONNX Runtime unpacks them once at load and runs the same integer kernels), where this ONNX Runtime
+            does so; otherwise int8 storage and a warning saying why. ``files.onnx_int8.storage`` in
+            ``report.json`` names the packed layers.
 
     Raises:
         CompressionConfigError: an unknown format, ``onnx_int8`` without quantisation-aware
@@ -105,11 +109,13 @@ class CompressionExport(CompressionCallback):
         baseline: str | os.PathLike[str] | nn.Module | None = "auto",
         artifact_name: str | None = None,
         int8_weights: WeightType = "auto",
+        pack_weights: bool = True,
     ) -> None:
         if not isinstance(dirpath, (str, os.PathLike)):
             raise config_error("dirpath", "a folder path", dirpath)
         self.formats = None if formats is None else rep.check_formats(formats, FORMATS)
-        for name, flag in (("verify", verify), ("physical", physical), ("plots", plots)):
+        flags = (("verify", verify), ("physical", physical), ("plots", plots), ("pack_weights", pack_weights))
+        for name, flag in flags:
             if not isinstance(flag, bool):
                 raise config_error(name, "True or False", flag)
         if example_input is not None and not isinstance(example_input, Tensor):
@@ -124,7 +130,7 @@ class CompressionExport(CompressionCallback):
         if artifact_name is not None and not named:
             raise config_error("artifact_name", "a W&B artifact name: letters, digits, '-', '_' and '.'", artifact_name)
         resolve_weight_type(int8_weights)  # a bad value is refused here, with what is allowed
-        self.logits_fn, self.int8_weights = logits_fn, int8_weights
+        self.logits_fn, self.int8_weights, self.pack_weights = logits_fn, int8_weights, pack_weights
         self.baseline, self.artifact_name = baseline, artifact_name
         self._first_epoch: nn.Module | None = None
         self.dirpath = Path(dirpath)
@@ -203,6 +209,7 @@ class CompressionExport(CompressionCallback):
                 pl_module, self._before, self.dirpath, example, val, formats, checkpoint,
                 verify=self.verify, physical=self.physical, plots=self.plots, logits_fn=self.logits_fn,
                 baselines=self._baselines(trainer, self._before), int8_weights=self.int8_weights,
+                pack_weights=self.pack_weights,
             )  # fmt: skip
         finally:
             self._before = self._first_epoch = None

@@ -92,8 +92,8 @@ class QuantizationAwareTraining(CompressionCallback):
             steps learning (the weight steps follow ``max|w|`` and keep learning their ratio to it).
         layer_bits: ``{module name or pattern: weight bits}`` for layers with a bit-width of their own (mixed
             precision, e.g. ``{"net.features.0.*": 8, "net.classifier.*": 4}``); the rest take ``weight_bits``.
-            A layer that is factorised later passes its bits on to its factors. Weights are stored as int8
-            in the exported file whatever their width (4-bit packing is not there yet).
+            A layer that is factorised later passes its bits on to its factors. The int8 file stores weights of
+            4 bits or fewer packed (two or four to a byte; see ``CompressionExport(pack_weights=)``).
         state_key_suffix: tells two instances apart in a checkpoint.
 
     Raises:

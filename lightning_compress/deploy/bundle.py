@@ -25,6 +25,7 @@ from lightning_compress.deploy.cpu import StoredType, WeightType, resolve_weight
 from lightning_compress.deploy.folder import replaced
 from lightning_compress.deploy.measure import ort_accuracy, ort_latency_ms, ort_session
 from lightning_compress.deploy.onnx import LogitsFn, apply_int8, float_copy, int8_plan, pick_logits, write_onnx
+from lightning_compress.deploy.packing import read_storage
 from lightning_compress.deploy.shrink import remove_zero_channels
 from lightning_compress.deploy.verify import verify_fp32, verify_int8
 from lightning_compress.errors import CompressionConfigError
@@ -48,6 +49,7 @@ def write_bundle(
     logits_fn: LogitsFn | None = None,
     int8_weights: WeightType = "auto",
     sections: Mapping[str, Any] | None = None,
+    pack_weights: bool = True,
 ) -> dict[str, Any]:
     """Export ``model`` in ``formats`` into ``folder``, verify the ONNX files, and write the report.
 
@@ -75,6 +77,9 @@ def write_bundle(
         int8_weights: how the int8 file stores its weights (``auto``, ``int8``, ``uint8``; see
             :mod:`lightning_compress.deploy.cpu`); the report's ``files.onnx_int8`` says which and why.
         sections: more top-level report sections (e.g. ``calibration``, from post-training quantisation).
+        pack_weights: store weights of 4 bits or fewer packed in the int8 file where ONNX Runtime unpacks them
+            at load (see :mod:`lightning_compress.deploy.packing`); the report's ``files.onnx_int8.storage``
+            names the packed layers and their bits, or why the file stores int8.
 
     Returns:
         The report (also in ``report.json``).
@@ -91,7 +96,9 @@ def write_bundle(
     model.eval()  # the reference outputs: running statistics, observers still
     try:
         with replaced(folder) as tmp:  # the folder as a whole: the old bundle or the new one, never a mix
-            settings = (verify, physical, plots, dict(baselines or {}), logits_fn, weights, dict(sections or {}))
+            settings = (
+                verify, physical, plots, dict(baselines or {}), logits_fn, weights, dict(sections or {}), pack_weights
+            )  # fmt: skip
             report = _bundle(model, before, tmp, example, list(val), formats, checkpoint, *settings)
             for scratch in (".before.onnx", ".baseline.onnx"):
                 (tmp / scratch).unlink(missing_ok=True)
@@ -116,7 +123,7 @@ def _bundle(
     model: nn.Module, before: nn.Module, tmp: Path, example: Tensor, val: list[tuple[Tensor, Tensor]],
     formats: Sequence[str], checkpoint: Mapping[str, Any] | None, verify: bool, physical: bool, plots: bool,
     baselines: dict[str, nn.Module], logits_fn: LogitsFn | None, weights: tuple[StoredType, str],
-    sections: dict[str, Any],
+    sections: dict[str, Any], pack_weights: bool,
 ) -> dict[str, Any]:  # fmt: skip
     batch = val[0][0] if val else example
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -171,7 +178,7 @@ def _bundle(
     if plan is not None:
         int8_model = apply_int8(copy.deepcopy(fp32), plan, removed)
         path = write_onnx(int8_model, example, tmp / FILES["onnx_int8"], int8=True, logits_fn=logits_fn,
-                          int8_weights=weights[0])  # fmt: skip
+                          int8_weights=weights[0], pack_weights=pack_weights)  # fmt: skip
         if verify:
             with torch.no_grad():
                 fake_quant = pick_logits(model(batch.to(device)), logits_fn).cpu()
@@ -182,7 +189,7 @@ def _bundle(
         figures_after.update({f"int8_{k}": v for k, v in int8.items()})
         figures_before.update({f"int8_{k}": figures_before[k] for k in int8 if k in figures_before})
         files["onnx_int8"] = {"path": path.name, "bytes": path.stat().st_size, "weights": weights[0],
-                              "weights_reason": weights[1]}  # fmt: skip
+                              "weights_reason": weights[1], "storage": read_storage(path)}  # fmt: skip
     if "checkpoint" in formats:
         path = tmp / FILES["checkpoint"]
         with open(path, "wb") as handle:  # through a Python file: a full disk is OSError(ENOSPC), not RuntimeError
@@ -191,7 +198,7 @@ def _bundle(
     report = {
         "version": rep.REPORT_VERSION, "model": type(model).__name__, "before": figures_before,
         "after": figures_after, "files": files, "verification": checks, "structure": structure,
-        "layers": rep.layer_rows(model),
+        "layers": rep.layer_rows(model, files.get("onnx_int8", {}).get("storage")),
         "baseline": _baseline(baselines, before, figures_before, tmp, example, val, logits_fn) if compared else None,
         **sections,
     }  # fmt: skip

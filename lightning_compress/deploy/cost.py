@@ -147,13 +147,14 @@ def _shapes(call: LayerCall, option: Option) -> list[tuple[int, int, int]]:
 
 def static_costs(call: LayerCall, option: Option) -> dict[str, float]:
     """``params`` (non-zero weights and biases), ``macs`` (per sample, non-zero weights), ``bytes`` as stored
-    (float32, or one byte a weight for any width up to 8, biases int32; sparse as a bitmap plus the non-zeros)."""
+    (float32; one byte a weight for 5-8 bits, half a byte for 3-4, a quarter for 2, as the int8 export packs them;
+    biases int32; sparse as a bitmap plus the non-zeros)."""
     shapes = _shapes(call, option)
     weights = sum(out * fan_in for _, out, fan_in in shapes)
     biases = shapes[-1][1] if call.bias else 0
     density = 1 - option.structure.value if option.structure and option.structure.kind == "sparsity" else 1.0
     nonzero = round(weights * density)
-    size = 1 if option.bits else 4
+    size = (0.25 if option.bits <= 2 else 0.5 if option.bits <= 4 else 1.0) if option.bits else 4.0
     stored = nonzero * size + math.ceil(weights / 8) if density < 1 else weights * size
     stored = min(stored, weights * size) + biases * 4
     return {"params": float(nonzero + biases), "macs": float(call.positions() * nonzero), "bytes": float(stored)}

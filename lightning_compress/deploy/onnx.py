@@ -10,7 +10,9 @@ it with ``torch.onnx.export``, then rewrites the graph so that the file stores w
   ``input_scale * weight_scale`` behind a ``DequantizeLinear``, the form ONNX Runtime's QDQ
   fusion needs to run ``QLinearConv``/``QGemm``.
 - where this CPU needs it (:mod:`lightning_compress.deploy.cpu`), the int8 weights are stored as
-  uint8 with zero point 128: the same values, which ONNX Runtime computes exactly without VNNI.
+  uint8 with zero point 128: the same values, which ONNX Runtime computes exactly without VNNI;
+- weights of 4 bits or fewer are stored packed, unpacked by ONNX Runtime once at load
+  (:mod:`lightning_compress.deploy.packing`): a w4a8 file is about half a w8a8 one.
 
 Files are written atomically (a temporary name, then a rename).
 
@@ -42,6 +44,7 @@ from lightning_compress.core.distillation import logits_of
 from lightning_compress.core.layers import weight_of
 from lightning_compress.core.pruning import fold_masks
 from lightning_compress.core.surgery import swap_modules, unpatched_copy
+from lightning_compress.deploy import packing
 from lightning_compress.deploy.cpu import WeightType, resolve_weight_type
 from lightning_compress.deploy.folder import umask
 from lightning_compress.deploy.shrink import kept_channels, remove_zero_channels
@@ -445,6 +448,23 @@ def _to_onnx(model: nn.Module, example_input: Tensor) -> onnx.ModelProto:
     return program.model_proto
 
 
+def _packed(proto: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
+    """``proto`` with its narrow weights packed where ONNX Runtime unpacks them at load; else as it was (a
+    warning says why). Either way the file's metadata says what it stores (layer names without ``prefix``)."""
+    packed_proto = copy.deepcopy(proto)
+    packed = packing.pack_weights(packed_proto)
+    if not packed:
+        packing.set_storage(proto, packing.describe_storage({}))
+        return proto
+    reason = packing.unfolded_reason(packed_proto)
+    if reason is None:
+        packing.set_storage(packed_proto, packing.describe_storage(packed, prefix=prefix))
+        return packed_proto
+    warnings.warn(f"the int8 file stores its {len(packed)} narrow weight tensors as int8: {reason}", stacklevel=3)
+    packing.set_storage(proto, packing.describe_storage({}, reason))
+    return proto
+
+
 LogitsFn = Callable[[Any], Tensor]
 
 
@@ -476,6 +496,7 @@ def export_onnx(
     physical: bool = False,
     logits_fn: LogitsFn | None = None,
     int8_weights: WeightType = "auto",
+    pack_weights: bool = True,
 ) -> Path:
     """Export ``model`` to ONNX at ``path`` (batch dimension dynamic), atomically.
 
@@ -491,6 +512,9 @@ def export_onnx(
             :func:`pick_logits`' rule); the file's one output is the logits.
         int8_weights: how the int8 file stores its weights: ``int8``, ``uint8`` (zero point 128, exact in
             ONNX Runtime on every CPU), or ``auto`` (by this CPU; see :mod:`lightning_compress.deploy.cpu`).
+        pack_weights: with ``int8``, store weights of 4 bits or fewer packed where this ONNX Runtime unpacks
+            them at load (:mod:`lightning_compress.deploy.packing`; otherwise int8 storage, with a warning
+            saying why); the file's metadata ``lightning_compress.weight_storage`` says which layers are packed.
 
     Returns:
         The path written.
@@ -499,7 +523,7 @@ def export_onnx(
         CompressionConfigError: ``int8=True`` on a model without QAT state; the folder cannot be written.
     """
     prepared = int8_copy(model, example_input, physical) if int8 else float_copy(model)
-    return write_onnx(prepared, example_input, path, int8, logits_fn, int8_weights)
+    return write_onnx(prepared, example_input, path, int8, logits_fn, int8_weights, pack_weights)
 
 
 def write_onnx(
@@ -509,12 +533,13 @@ def write_onnx(
     int8: bool = False,
     logits_fn: LogitsFn | None = None,
     int8_weights: WeightType = "auto",
+    pack_weights: bool = True,
 ) -> Path:
     """Export a model already prepared (:func:`float_copy`, :func:`int8_copy`) to ONNX at ``path``, atomically.
 
     ``prepared`` is exported on the CPU and left there, in eval mode, without gradients; its input keeps
     the example's dtype (token ids stay integers) and its one output is the logits (:class:`LogitsOnly`
-    where ``forward`` returns more); ``int8_weights`` as in :func:`export_onnx`.
+    where ``forward`` returns more); ``int8_weights`` and ``pack_weights`` as in :func:`export_onnx`.
 
     Raises:
         CompressionConfigError: the folder cannot be written.
@@ -534,6 +559,8 @@ def write_onnx(
         quantize_biases(proto)
         if weight_type == "uint8":
             store_weights_unsigned(proto)
+        if pack_weights:
+            proto = _packed(proto, "model." if isinstance(export, LogitsOnly) else "")
     strip_debug_info(proto)
     onnx.checker.check_model(proto)
     try:

@@ -22,7 +22,9 @@ No Lightning here. ``report.json`` has stable keys (``REPORT_VERSION`` changes w
 - ``layers``: one row per Conv/Linear layer: ``name``, ``sparsity``, ``rank`` (low-rank factors),
   ``weight_bits``, ``scales`` (``observed``, ``learned``, or ``learned weights`` / ``learned activations``
   where only some step sizes learn) and ``observed_batches`` (the batches its activation ranges were observed
-  on: calibration batches, or QAT steps) for fake-quantised layers, ``None`` for the others;
+  on: calibration batches, or QAT steps) for fake-quantised layers, ``None`` for the others; ``stored_bits``
+  (the bits a weight takes in ``model.int8.onnx``: 4 or 2 where packed, 8 otherwise; ``None`` without an
+  int8 file or for a float layer);
 - ``calibration`` (post-training quantisation only, :mod:`lightning_compress.app.quantize`): ``batches``,
   ``samples``, ``scales``, ``weight_bits``, ``equalized_pairs`` / ``equalization_skipped`` /
   ``equalization_max_change`` / ``clipped_pairs`` (``None`` without equalisation), ``bias_corrected``
@@ -65,9 +67,11 @@ def model_figures(model: nn.Module, example_input: Tensor) -> dict[str, float]:
     return figures
 
 
-def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+def layer_rows(model: nn.Module, storage: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per Conv/Linear layer: sparsity (from the tensors), low-rank factor rank, weight bits, how its scales
-    were set and on how many batches its ranges were observed."""
+    were set, on how many batches its ranges were observed, and, given the int8 file's ``storage``
+    (:func:`lightning_compress.deploy.packing.read_storage`), the bits its weights take in that file."""
+    packed = dict(storage["packed"]) if storage else {}
     quantized = quantized_layers(model)
     first_factors = {f"{name}.0" for name, m in model.named_modules() if isinstance(m, LowRank)}
     rows = []
@@ -78,6 +82,7 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
         row["weight_bits"] = int(weight_quantizer(layer).bits) if name in quantized else None
         row["scales"] = scale_kinds(layer) if name in quantized else None
         row["observed_batches"] = _observed(layer) if name in quantized else None
+        row["stored_bits"] = packed.get(name, 8) if storage is not None and name in quantized else None
         rows.append(row)
     return rows
 
@@ -135,6 +140,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     for row in report["layers"]:
         rank = row["rank"] if row["rank"] is not None else "—"
         bits = row["weight_bits"] if row["weight_bits"] is not None else "—"
+        if row.get("stored_bits") is not None and row["weight_bits"] is not None and row["weight_bits"] < 8:
+            bits = f"{bits}, packed" if row["stored_bits"] < 8 else f"{bits}, stored as int8"
         scales = f"{row['scales']} ({row['observed_batches']})" if row.get("scales") else "—"
         lines.append(f"| {row['name']} | {row['sparsity']:.3f} | {rank} | {bits} | {scales} |")
     return "\n".join(lines) + "\n"

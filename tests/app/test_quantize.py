@@ -46,6 +46,27 @@ def test_a_checkpoint_calibrates_into_a_verified_int8_bundle_that_export_restore
     assert "already carries fake quantisation" in capsys.readouterr().err
 
 
+def test_four_bit_weights_are_packed_verified_and_stored_as_int8_on_request(float_checkpoint, tmp_path, capsys):
+    bundles = {}
+    for name, extra in (("packed", []), ("int8", ["--no-pack"])):
+        argv = ["quantize", str(float_checkpoint), "--calib-batches", "2", "--weight-bits", "4"]
+        assert main([*argv, *extra, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        bundles[name] = json.loads((tmp_path / name / "report.json").read_text())
+    packed, plain = bundles["packed"], bundles["int8"]
+    assert packed["verification"]["onnx_int8"]["passed"] and plain["verification"]["onnx_int8"]["passed"]
+    storage = packed["files"]["onnx_int8"]["storage"]
+    assert storage["int8_storage_reason"] is None and set(storage["packed"].values()) == {4}
+    assert plain["files"]["onnx_int8"]["storage"] is None
+    rows = {row["name"]: row["stored_bits"] for row in packed["layers"]}
+    assert rows == {name: storage["packed"].get(name, 8) for name in rows} and 4 in rows.values()
+    assert all(row["stored_bits"] is None for row in plain["layers"])  # the file says nothing of its storage
+    # the same integers: ONNX Runtime computes the same logits from either file
+    assert packed["after"]["int8_ort_accuracy"] == plain["after"]["int8_ort_accuracy"]
+    sizes = {name: bundle["files"]["onnx_int8"]["bytes"] for name, bundle in bundles.items()}
+    assert sizes["packed"] < 0.65 * sizes["int8"], sizes
+    assert "| 4, packed |" in (tmp_path / "packed" / "report.md").read_text()
+
+
 def test_a_recipe_is_trained_then_calibrated(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "q"

@@ -88,7 +88,10 @@ def test_a_local_sweep_logs_each_trial_and_the_pareto_front_to_wandb(tmp_path, m
     run_sweep(write(tmp_path, parameters=parameters), count=2, out=tmp_path / "out", wandb_project="lc-sweep")
     runs = {}
     for run_file in (tmp_path / "out").rglob("run-*.wandb"):
-        run = next(r.run for r in wandb_records(run_file) if r.HasField("run"))
+        records = wandb_records(run_file)
+        run = next((r.run for r in records if r.HasField("run")), None)
+        kinds = [r.WhichOneof("record_type") for r in records]  # once seen empty under make test: say what it held
+        assert run is not None, f"{run_file.name} ({run_file.stat().st_size} bytes) has no run record: {kinds}"
         runs[run.display_name] = (run, wandb_logged(run_file), wandb_config(run_file))
     assert sorted(runs) == ["pareto", "trial-0", "trial-1"]  # one W&B run each (an open run took the next trial's)
     assert len({run.run_id for run, _, _ in runs.values()}) == 3

@@ -38,6 +38,7 @@ def compressed_run(out, **kwargs):
         ({"formats": ["onnx", "tflite"]}, r"`formats` must be a list of formats, each one of 'onnx', .* got 'tflite'"),
         ({"formats": []}, r"`formats` must name at least one of"),
         ({"verify": "yes"}, "`verify` must be True or False, got 'yes'"),
+        ({"pack_weights": "no"}, "`pack_weights` must be True or False, got 'no'"),
         ({"example_input": [1, 2]}, r"`example_input` must be a tensor batch or None, got \[1, 2\]"),
         ({"val_batches": 0}, "`val_batches` must be a positive number of batches or None, got 0"),
         ({"dirpath": 3}, "`dirpath` must be a folder path, got 3"),

@@ -27,7 +27,9 @@ def test_static_costs_by_hand():
     call = layer_calls(MODEL, torch.zeros(1, 3, 32, 32))["0"]  # 3 -> 64, 3x3, 32x32 outputs
     assert static_costs(call, Option()) == {"params": 1792, "macs": 1024 * 1728, "bytes": 1792 * 4}
     assert static_costs(call, Option(bits=8))["bytes"] == 1728 + 64 * 4  # int8 weights, int32 biases
-    assert static_costs(call, Option(bits=4))["bytes"] == 1728 + 64 * 4  # stored as int8 (no 4-bit packing yet)
+    assert static_costs(call, Option(bits=4))["bytes"] == 1728 / 2 + 64 * 4  # packed two to a byte
+    assert static_costs(call, Option(bits=2))["bytes"] == 1728 / 4 + 64 * 4  # four to a byte
+    assert static_costs(call, Option(bits=6))["bytes"] == 1728 + 64 * 4  # 5-8 bits: a byte each
     rank = 4  # floor(0.25 * 64 * 27 / (64 + 27))
     assert static_costs(call, Option(Setting("low_rank", 0.25)))["params"] == rank * 27 + 64 * rank + 64
     half = static_costs(call, Option(Setting("channels", 0.5)))

@@ -12,6 +12,7 @@ from lightning_compress.core.graph import find_bn_pairs
 from lightning_compress.core.layers import select_layers, weight_of
 from lightning_compress.core.pruning import prune
 from lightning_compress.deploy.onnx import export_onnx
+from lightning_compress.deploy.packing import read_storage
 from lightning_compress.errors import CompressionConfigError
 from lightning_compress.vision.data import get_datamodule
 from lightning_compress.vision.models import build_model
@@ -45,8 +46,13 @@ def calibrated(name, batches, sparsity=0.0, config=None):
 
 def weight_ints(path):
     """The integer weights the file stores, as signed steps (stored value minus zero point) whatever
-    their type (int8, or uint8 with zero point 128 where the CPU needs it)."""
-    graph = onnx.load(path).graph
+    their type (int8, or uint8 with zero point 128 where the CPU needs it) and storage (packed weights are
+    read as ONNX Runtime holds them once it has loaded the file: its graph after constant folding)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path) + ".basic.onnx"
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     out = []
     for node in graph.node:
@@ -218,6 +224,36 @@ def test_four_bit_weights_export_on_their_grid(tmp_path, batches):
     got = session(tmp_path / "m.int8.onnx").run(None, {"input": batches[3].numpy()})[0]
     with torch.no_grad():
         assert (got.argmax(1) == model(batches[3]).numpy().argmax(1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("weights", ["int8", "uint8"])
+def test_narrow_weights_are_packed_and_run_the_same_integer_kernels(tmp_path, batches, weights):
+    model = calibrated("cnn_wide", batches)
+    q.set_weight_bits(model, {"features.0": 4, "features.4": 4, "features.8": 4, "classifier.3": 2})
+    example = batches[0][:1]
+    packed = export_onnx(model, example, tmp_path / "p.int8.onnx", int8=True, int8_weights=weights)
+    plain = export_onnx(model, example, tmp_path / "u.int8.onnx", int8=True, int8_weights=weights, pack_weights=False)
+    storage = read_storage(packed)
+    assert model.get_submodule("features.0").weight.numel() < 1000  # the 4-bit stem: its unpacking would outweigh it
+    assert storage == {"packed": {"features.4": 4, "features.8": 4, "classifier.3": 2},
+                       "int8_storage_reason": None}  # classifier.1 has 8 bits: a byte each
+    assert read_storage(plain) is None  # not asked to pack: the file says nothing
+    # the same integers, as ONNX Runtime holds them after loading, and the same outputs
+    assert all((a == b).all() for a, b in zip(weight_ints(packed), weight_ints(plain), strict=True))
+    runs = [session(path).run(None, {"input": batches[3].numpy()})[0] for path in (packed, plain)]
+    assert (runs[0] == runs[1]).all()
+    kernels = []
+    for path in (packed, plain):
+        session(path, optimized=str(path) + ".all.onnx")
+        kernels.append(sorted(n.op_type for n in onnx.load(str(path) + ".all.onnx").graph.node))
+    assert kernels[0] == kernels[1] and "QLinearConv" in kernels[0]  # packing changes no kernel
+    size = {path: path.stat().st_size for path in (packed, plain)}
+    narrow = sum(model.get_submodule(n).weight.numel() for n in storage["packed"])
+    saved = size[plain] - size[packed]  # 4-bit: half a byte a weight saved, 2-bit three quarters
+    expected = sum((0.5 if b == 4 else 0.75) * model.get_submodule(n).weight.numel()
+                   for n, b in storage["packed"].items())
+    overhead = expected - saved  # the unpacking nodes and constants: about 1.1 KB a tensor
+    assert narrow > 0 and 0 <= overhead < 1536 * len(storage["packed"]), (saved, expected)
 
 
 def test_pruned_weights_are_zero_in_the_int8_file(tmp_path, batches):

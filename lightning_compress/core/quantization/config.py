@@ -30,8 +30,8 @@ class QuantConfig:
     """How to fake-quantise.
 
     Args:
-        weight_bits: weight bits, 2–8 (symmetric, zero point 0, range ``±(2**(bits-1) - 1)``; stored
-            as int8 in an exported model).
+        weight_bits: weight bits, 2–8 (symmetric, zero point 0, range ``±(2**(bits-1) - 1)``; in an exported
+            int8 file 5–8 bits take a byte, 3–4 half a byte, 2 a quarter: see :mod:`lightning_compress.deploy.packing`).
         activation_bits: activation bits: 8 (affine, unsigned).
         per_channel: one weight scale per output channel (else one per tensor).
         observer: ``minmax`` (running min/max of all batches) or ``ema`` (moving average of each
