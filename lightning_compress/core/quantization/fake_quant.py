@@ -56,14 +56,36 @@ def weight_range(bits: int) -> tuple[int, int]:
     return (-128, 127) if bits == 8 else (-qmax, qmax)
 
 
+class _PerChannelFakeQuant(torch.autograd.Function):
+    """``torch.fake_quantize_per_channel_affine`` (zero point 0, axis 0) in vectorised elementwise ops: the same
+    arithmetic (``round(w * (1 / scale))``, clamped, times the scale) and the same straight-through gradient
+    (zero where the rounded value was clipped), bit for bit; torch's CPU kernel for it is per element and took
+    22% of a resnet18 QAT step on 2 cores, 2.2x the time of this one on a 512x512x3x3 weight."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, scale: Tensor, low: int, high: int) -> Tensor:
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        steps = torch.round(weight * (1.0 / scale).reshape(shape))
+        ctx.save_for_backward((steps >= low) & (steps <= high))
+        return steps.clamp_(low, high).mul_(scale.reshape(shape))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
 def fake_quant_weight(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
     """Symmetric fake quantisation with the given scale(s) (one, or one per output channel), rounded into
     :func:`weight_range`: with the observed scale ``max|w| / qmax`` nothing clips; a learned one may clip."""
     low, high = weight_range(bits)
+    scale = scale.to(weight.device)
+    if scale.numel() > 1 and weight.dtype == torch.float32 and scale.dtype == torch.float32:
+        return cast(Tensor, _PerChannelFakeQuant.apply(weight, scale, low, high))
     zero = torch.zeros(scale.numel(), dtype=torch.int32, device=weight.device)
     if scale.numel() == 1:
-        return torch.fake_quantize_per_tensor_affine(weight, scale.to(weight.device), zero[0], low, high)
-    return torch.fake_quantize_per_channel_affine(weight, scale.to(weight.device), zero, 0, low, high)
+        return torch.fake_quantize_per_tensor_affine(weight, scale, zero[0], low, high)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, low, high)
 
 
 @torch.library.custom_op("lightning_compress::qdq", mutates_args=())

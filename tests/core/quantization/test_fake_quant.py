@@ -169,3 +169,23 @@ def test_learned_scales_are_model_parameters_from_attach_on_and_start_from_a_cal
     loss = net(x).square().mean()
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in scales.items() if n.endswith("ratio"))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_channel_weight_fake_quant_is_torchs_bit_for_bit_values_and_gradient(bits):
+    from lightning_compress.core.quantization.fake_quant import fake_quant_weight, weight_range, weight_scale
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 16, 3, 3, requires_grad=True)
+    low, high = weight_range(bits)
+    for scale in (weight_scale(weight, bits, True), 0.3 * weight_scale(weight, bits, True)):  # the second clips
+        ours = fake_quant_weight(weight, scale, bits)
+        zero = torch.zeros(32, dtype=torch.int32)
+        theirs = torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, low, high)
+        assert torch.equal(ours, theirs)
+        upstream = torch.randn_like(weight)
+        (ours_grad,) = torch.autograd.grad(ours, weight, upstream)
+        (theirs_grad,) = torch.autograd.grad(theirs, weight, upstream)
+        assert torch.equal(ours_grad, theirs_grad)
+    clipped = (ours_grad == 0).float().mean()
+    assert 0.05 < clipped < 0.95  # the clipping case did clip: the gradient's mask was compared
