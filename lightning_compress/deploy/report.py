@@ -82,7 +82,8 @@ def layer_rows(model: nn.Module, storage: Mapping[str, Any] | None = None) -> li
         row["weight_bits"] = int(weight_quantizer(layer).bits) if name in quantized else None
         row["scales"] = scale_kinds(layer) if name in quantized else None
         row["observed_batches"] = _observed(layer) if name in quantized else None
-        row["stored_bits"] = packed.get(name, 8) if storage is not None and name in quantized else None
+        in_file = storage is not None and name in quantized and bool(weight_quantizer(layer).enabled)
+        row["stored_bits"] = packed.get(name, 8) if in_file else None  # a layer a plan kept float is float there
         rows.append(row)
     return rows
 

@@ -19,6 +19,23 @@ def test_layer_rows_count_sparsity_ranks_and_bits_from_the_tensors():
     assert rows["conv2"]["sparsity"] == pytest.approx(0.5, abs=0.01) and rows["conv1"]["sparsity"] == 0.0
     assert rows["fc1.0"]["rank"] == 3 and rows["fc1.1"]["rank"] is None
     assert rows["fc2"]["weight_bits"] == 4 and rows["conv1"]["weight_bits"] is None
+    assert rows["fc2"]["stored_bits"] is None  # no int8 file: nothing stored
+
+
+def test_layer_rows_say_what_the_int8_file_stores_and_nothing_for_a_float_layer():
+    net = TinyNet()
+    q.attach(net, q.QuantConfig(weight_bits=4), include=["conv2", "fc1", "fc2"])
+    q.enable(net)
+    q.keep_in_float(net, ["fc2"])  # as a budget plan does: float in the file too
+    rows = {row["name"]: row for row in rep.layer_rows(net, {"packed": {"fc1": 4}, "int8_storage_reason": None})}
+    assert rows["fc1"]["stored_bits"] == 4 and rows["conv2"]["stored_bits"] == 8  # too small to pack: a byte each
+    assert rows["fc2"]["stored_bits"] is None and rows["conv1"]["stored_bits"] is None
+    layers = [{"name": n, "sparsity": 0.0, "rank": None, **{k: rows[n][k] for k in ("weight_bits", "stored_bits")}}
+              for n in ("fc1", "conv2", "fc2")]  # fmt: skip
+    text = rep.markdown({"model": "TinyNet", "before": {}, "after": {}, "files": {}, "verification": {},
+                         "structure": {"physical": False, "removed_channels": {}, "reason": None}, "layers": layers})
+    assert "| fc1 | 0.000 | — | 4, packed |" in text and "| conv2 | 0.000 | — | 4, stored as int8 |" in text
+    assert "| fc2 | 0.000 | — | 4 |" in text
 
 
 def test_markdown_has_the_ratios_the_files_and_the_layers():
