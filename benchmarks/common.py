@@ -70,13 +70,14 @@ def fit(
     epochs: int,
     seed: int,
     callbacks: Sequence[pl.Callback] = (),
+    batch_size: int = 64,
 ) -> tuple[float, float]:
     """Train ``module`` for ``epochs`` (no validation during training); return (val accuracy, median epoch s).
 
     The epoch times themselves are in :data:`LAST_EPOCH_TIMES` afterwards.
     """
     pl.seed_everything(seed, verbose=False)
-    datamodule = get_datamodule(data, seed=seed)
+    datamodule = get_datamodule(data, seed=seed, batch_size=batch_size)
     timer = EpochTimer()
     trainer = pl.Trainer(
         max_epochs=epochs,

@@ -152,7 +152,7 @@ def timing(args: argparse.Namespace) -> str:
     for round_ in range(args.timing_rounds):
         for arm, callbacks in arms.items():
             module = new_module(args.model, args.data, round_)
-            fit(module, args.data, 2, round_, callbacks(module))
+            fit(module, args.data, 2, round_, callbacks(module), args.batch_size)
             times[arm].append(list(LAST_EPOCH_TIMES))
     dense = statistics.median(t for run in times["dense"] for t in run)
     rows = []
@@ -184,7 +184,7 @@ def self_time(args: argparse.Namespace) -> str:
     for name in ("on_train_start", "on_train_batch_start", "_after_optimizer_step", "on_train_epoch_end"):
         setattr(pruning, name, timed(getattr(pruning, name)))
     module = new_module(args.model, args.data, 0)
-    fit(module, args.data, 2, 0, [pruning])
+    fit(module, args.data, 2, 0, [pruning], args.batch_size)
     total = sum(LAST_EPOCH_TIMES)
     return f"MagnitudePruning's own time: {1000 * spent[0]:.0f} ms of {total:.2f} s training = {spent[0] / total:.1%}"
 
@@ -200,12 +200,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
     parser.add_argument("--timing-rounds", type=int, default=8, help="interleaved timing rounds (0: none)")
     parser.add_argument("--timing-only", action="store_true", help="skip the accuracy runs")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the timing section")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
                         help=f"the arms at each target (default all: {', '.join(ARMS)})")  # fmt: skip
     args = parser.parse_args()
     if args.timing_rounds:
         table = timing(args)
-        print(f"\n{args.model} on {args.data}\n\n{table}\n\n{self_time(args)}\n", flush=True)
+        print(f"\n{args.model} on {args.data}, batch {args.batch_size}\n\n{table}\n\n{self_time(args)}\n", flush=True)
     if args.timing_only:
         return
     runs = [run_seed(args, seed) for seed in range(args.seeds)]

@@ -133,10 +133,46 @@ def _nm_mask(weight: Tensor, pattern: Pattern, target: float) -> Tensor:
     return _from_groups(mask, weight.shape)
 
 
+LARGE_SELECTION = (1 << 18, 1 << 14)  # from these many scores and kept ones on, _keep_top brackets the threshold
+SAMPLE = 1 << 14  # scores in the strided sample that brackets it
+
+
 def _keep_top(scores: Tensor, keep: int) -> Tensor:
+    """A mask keeping the ``keep`` largest of the flat ``scores`` (ties broken arbitrarily)."""
+    if scores.numel() >= LARGE_SELECTION[0] and LARGE_SELECTION[1] <= keep < scores.numel():
+        mask = _bracketed_keep_top(scores, keep)
+        if mask is not None:
+            return mask
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if keep > 0:
         mask[torch.topk(scores, keep, sorted=False).indices] = True
+    return mask
+
+
+def _bracketed_keep_top(scores: Tensor, keep: int) -> Tensor | None:
+    """:func:`_keep_top` for a large selection: the threshold bracketed from a strided sample's quantiles (a
+    margin of 4 standard errors), everything above the bracket kept, ``torch.topk`` only inside it. The same
+    selection (up to ties) in a few comparison passes: 3-4x faster than topk on resnet18's 11M weights, where
+    topk took 0.3-0.7 s a mask update on 2 cores. ``None`` where the bracket missed (then topk does it all)."""
+    n = scores.numel()
+    sample = scores[:: max(1, n // SAMPLE)].sort().values
+    m = sample.numel()
+    below = 1.0 - keep / n  # the share of the scores under the threshold
+    margin = 4.0 * math.sqrt(below * (1.0 - below) / m) + 2.0 / m
+    low = sample[min(m - 1, max(0, math.floor((below - margin) * m) - 1))]
+    high = sample[min(m - 1, max(0, math.ceil((below + margin) * m)))]
+    mask = scores > high
+    missing = keep - int(torch.count_nonzero(mask))
+    if missing < 0:
+        return None
+    if missing:
+        inside = ((scores >= low) & ~mask).nonzero().squeeze(1)
+        if inside.numel() < missing:
+            return None
+        if bool(low == high):  # all equal inside: any of them
+            mask[inside[:missing]] = True
+        else:
+            mask[inside[torch.topk(scores[inside], missing, sorted=False).indices]] = True
     return mask
 
 
@@ -305,8 +341,12 @@ def _global_masks(scores: Mapping[str, Tensor], target: float) -> dict[str, Tens
     names = list(scores)
     sizes = [scores[n].numel() for n in names]
     flat = torch.cat([scores[n] for n in names])
+    kept = _keep_top(flat, flat.numel() - round(target * flat.numel()))
+    split = dict(zip(names, kept.split(sizes), strict=True))
+    if all(int(torch.count_nonzero(split[n])) >= _floor(scores[n].numel(), target) for n in names):
+        return split  # every layer is above its floor already: what the floors would choose too (up to ties)
     forced = torch.cat([_keep_top(scores[n], min(_floor(scores[n].numel(), target), scores[n].numel())) for n in names])
-    budget = flat.numel() - round(target * flat.numel()) - int(forced.sum())
+    budget = flat.numel() - round(target * flat.numel()) - int(torch.count_nonzero(forced))
     rest = _keep_top(flat.masked_fill(forced, -math.inf), max(budget, 0)) & ~forced
     return dict(zip(names, (forced | rest).split(sizes), strict=True))
 
@@ -464,7 +504,7 @@ def fold_masks(model: nn.Module) -> nn.Module:
 
 def sparsity(modules: Mapping[str, nn.Module]) -> float:
     """Fraction of exactly-zero weights over the given modules, counted from the weight tensors."""
-    zeros = sum(int((weight_of(m) == 0).sum()) for m in modules.values())
+    zeros = sum(weight_of(m).numel() - int(torch.count_nonzero(weight_of(m))) for m in modules.values())
     total = sum(weight_of(m).numel() for m in modules.values())
     return zeros / total if total else 0.0
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_compress.core import pruning as core
 from lightning_compress.core.pruning import (
     MIN_KEPT_SHARE,
     Pattern,
@@ -291,3 +292,32 @@ def test_mask_pairs_hold_only_masks_that_prune_in_the_weights_dtype(net):
     assert len(tensors) == 1 and tensors[0] is net.fc1.weight and masks[0].dtype == net.fc1.weight.dtype
     apply_masks((tensors, masks))
     assert int((net.fc1.weight[0, :5] == 0).sum()) == 5 and int((net.fc1.weight == 0).sum()) == 5
+
+
+@pytest.mark.parametrize("kind", ["normal", "half zeros", "with -inf", "all equal"])
+def test_large_selections_keep_exactly_what_topk_keeps(kind):
+    # above LARGE_SELECTION, _keep_top brackets the threshold from a sample before topk: same kept values
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(600_000, generator=generator)
+    if kind == "half zeros":
+        scores = scores.abs()
+        scores[::2] = 0.0
+    elif kind == "with -inf":
+        scores[::5] = -math.inf
+    elif kind == "all equal":
+        scores = torch.ones(600_000)
+    for keep in (20_000, 300_000, 299_999, 599_999):
+        mask = core._keep_top(scores, keep)
+        expected = scores.topk(keep, sorted=False).values
+        assert int(mask.sum()) == keep
+        assert torch.equal(scores[mask].sort().values, expected.sort().values)
+
+
+def test_a_missed_bracket_falls_back_to_topk():
+    # the strided sample sees only every 9th score: make those the largest, so its quantiles miss the threshold
+    scores = torch.rand(600_000, generator=torch.Generator().manual_seed(0))
+    scores[::9] = 1000 + torch.arange(len(scores[::9]), dtype=torch.float32)
+    assert core._bracketed_keep_top(scores, 300_000) is None
+    mask = core._keep_top(scores, 300_000)
+    assert int(mask.sum()) == 300_000
+    assert torch.equal(scores[mask].sort().values, scores.topk(300_000).values.sort().values)
