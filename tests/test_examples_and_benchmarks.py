@@ -181,3 +181,13 @@ def test_learned_scales_benchmark_smoke(tmp_path):
     assert set(seed) == {"w8a8 observed", "w8a8 learned", "w4a8 observed", "w4a8 learned"}
     assert all(arm["ort_acc"] > 0.5 and arm["epoch_s"] > 0 for arm in seed.values())
 
+
+
+@pytest.mark.slow
+def test_qat_step_cost_benchmark_smoke(tmp_path):
+    args = ["--model", "cnn_small", "--data", "digits", "--rounds", "1", "--steps", "3", "--warmup", "1"]
+    stdout = run_benchmark("qat_step_cost.py", args, tmp_path)
+    assert "| plain |" in stdout and "| QAT observed, BN frozen |" in stdout and "| QAT learned, BN frozen |" in stdout
+    times = json.loads((tmp_path / "qat_step_cost.json").read_text())["step_seconds"]
+    assert set(times) == {"plain", "QAT observed", "QAT observed, BN frozen", "QAT learned, BN frozen"}
+    assert all(len(runs) == 1 and len(runs[0]) == 3 and min(runs[0]) > 0 for runs in times.values())

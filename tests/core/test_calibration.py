@@ -8,7 +8,7 @@ from lightning_compress.core.quantization import ActivationFakeQuant
 def test_recalibration_gives_the_datas_statistics_and_changes_nothing_else():
     torch.manual_seed(0)
     observer = ActivationFakeQuant()
-    observer.enabled.fill_(True)
+    observer.set_flag("enabled", True)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.1), nn.Dropout(0.5), observer).train()
     batches = [3 * torch.randn(8, 3, 6, 6) + 2 for _ in range(4)]
     weight = model[0].weight.clone()

@@ -271,8 +271,8 @@ def quantize_sums(model: nn.Module, example: Any) -> list[str]:
         module = model.get_submodule(name)
         if SUM_QUANT not in module._modules:
             quantizer = ActivationFakeQuant(template.bits, template.observer, template.ema_decay)
-            cast(Tensor, quantizer.enabled).copy_(cast(Tensor, template.enabled))
-            cast(Tensor, quantizer.observing).copy_(cast(Tensor, template.observing))
+            quantizer.set_flag("enabled", template.flag("enabled"))
+            quantizer.set_flag("observing", template.flag("observing"))
             set_sum_quantizer(module, quantizer.to(cast(Tensor, template.min_val).device))
     return chosen
 
@@ -317,6 +317,9 @@ def sync_observers(model: nn.Module) -> None:
     for low, high, (neg_min, max_val) in zip(lows, highs, bounds, strict=True):
         low.copy_(-neg_min)
         high.copy_(max_val)
+    for observer in observers:  # another rank's range may have set one this rank has not seen yet
+        if not observer.initialised:  # (a Python flag: no device read once every range is set)
+            observer.refresh()
 
 
 def is_attached(layer: nn.Module) -> bool:
@@ -356,7 +359,7 @@ def weight_bits(model: nn.Module) -> dict[str, int]:
     return {name: int(weight_quantizer(layer).bits) for name, layer in quantized_layers(model).items()}
 
 
-def _layer_quantizers(layer: nn.Module) -> Iterator[nn.Module]:
+def _layer_quantizers(layer: nn.Module) -> Iterator[WeightFakeQuant | ActivationFakeQuant]:
     yield weight_quantizer(layer)
     yield getattr(layer, INPUT_QUANT)
     yield getattr(layer, OUTPUT_QUANT)
@@ -400,9 +403,9 @@ def enable(model: nn.Module, on: bool = True) -> None:
     """Turn fake quantisation on (or off) everywhere in ``model`` (layers marked unreachable stay off)."""
     for layer in quantized_layers(model).values():
         for quantizer in _layer_quantizers(layer):
-            cast(Tensor, quantizer.enabled).fill_(on and not getattr(layer, UNREACHABLE, False))
+            quantizer.set_flag("enabled", on and not getattr(layer, UNREACHABLE, False))
     for module in quantized_sums(model).values():
-        cast(Tensor, getattr(module, SUM_QUANT).enabled).fill_(on)
+        getattr(module, SUM_QUANT).set_flag("enabled", on)
 
 
 UNREACHABLE = "_lc_unreachable"
@@ -418,7 +421,7 @@ def leave_uncalled_in_float(model: nn.Module, example: Any) -> list[str]:
         layer = model.get_submodule(name)
         setattr(layer, UNREACHABLE, True)
         for quantizer in _layer_quantizers(layer):
-            cast(Tensor, quantizer.enabled).fill_(False)
+            quantizer.set_flag("enabled", False)
     return uncalled
 
 
@@ -430,14 +433,14 @@ def keep_in_float(model: nn.Module, names: Sequence[str]) -> None:
         if name in layers:
             setattr(layers[name], UNREACHABLE, True)
             for quantizer in _layer_quantizers(layers[name]):
-                cast(Tensor, quantizer.enabled).fill_(False)
+                quantizer.set_flag("enabled", False)
 
 
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
     """Stop (or restart) updating the activation ranges, observed or learned (a frozen learned step size takes
     no gradient)."""
     for quantizer in _activation_quantizers(model):
-        cast(Tensor, quantizer.observing).fill_(not frozen)
+        quantizer.set_flag("observing", not frozen)
         if quantizer.learned:
             quantizer.scale.requires_grad_(not frozen)
 
@@ -450,12 +453,12 @@ def start_learning(model: nn.Module) -> int:
     started = 0
     for layer in quantized_layers(model).values():
         quant = weight_quantizer(layer)
-        if quant.learned and bool(quant.enabled):
+        if quant.learned and quant.flag("enabled"):
             quant.start_learning()
             started += 1
         for attr in (INPUT_QUANT, OUTPUT_QUANT):
             quantizer = getattr(layer, attr)
-            started += bool(quantizer.enabled) and not quantizer.bypass and quantizer.start_learning()
+            started += quantizer.flag("enabled") and not quantizer.bypass and quantizer.start_learning()
     return started
 
 

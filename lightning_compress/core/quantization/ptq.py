@@ -132,6 +132,7 @@ def reset_observers(model: nn.Module) -> None:
             cast(Tensor, module.min_val).fill_(float("inf"))
             cast(Tensor, module.max_val).fill_(float("-inf"))
             cast(Tensor, module.updates).zero_()
+            module.refresh()
 
 
 @torch.no_grad()
@@ -140,7 +141,7 @@ def observe(model: nn.Module, batches: Sequence[Tensor]) -> int:
     dropout and everything else in eval mode, every module's mode restored after); return the samples seen."""
     modes = {m: m.training for m in model.modules()}
     observing = {
-        q: bool(q.observing) for q in model.modules() if isinstance(q, ActivationFakeQuant)
+        q: q.flag("observing") for q in model.modules() if isinstance(q, ActivationFakeQuant)
     }  # fmt: skip
     try:
         for module in model.modules():
@@ -154,7 +155,7 @@ def observe(model: nn.Module, batches: Sequence[Tensor]) -> int:
         for module, mode in modes.items():
             module.train(mode)
         for quantizer, was in observing.items():
-            cast(Tensor, quantizer.observing).fill_(was)
+            quantizer.set_flag("observing", was)
     return samples
 
 
@@ -168,7 +169,7 @@ def correct_bias(model: nn.Module, batches: Sequence[Tensor]) -> tuple[dict[str,
     It is subtracted from the layer's bias, or added to its folded BatchNorm's running mean (the same shift,
     before normalisation). Returns ``{layer: largest absolute correction}`` and the layers with neither.
     """
-    layers = {n: m for n, m in quantized_layers(model).items() if bool(weight_quantizer(m).enabled)}
+    layers = {n: m for n, m in quantized_layers(model).items() if weight_quantizer(m).flag("enabled")}
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(layers, 0)
 

@@ -55,7 +55,7 @@ def test_observers_include_zero_and_freeze():
 
 def test_ema_observer_moves_part_of_the_way_with_a_warm_up():
     observer = q.ActivationFakeQuant(observer="ema", ema_decay=0.9).train()
-    observer.enabled.fill_(True)
+    observer.set_flag("enabled", True)
     observer(torch.tensor([0.0, 1.0]))  # the first batch sets the range
     observer(torch.tensor([0.0, 11.0]))  # the second: decay min(0.9, 2/11), 1 + (9/11) * 10
     assert float(observer.max_val) == pytest.approx(1 + 9 / 11 * 10)
@@ -106,7 +106,7 @@ def test_a_learned_weight_step_follows_the_lsq_formula_on_a_hand_checked_example
     # scale 1 / sqrt(3 elements * 7); the ratio's gradient is that divided by m (d s / d ratio = m, rescaled
     # by 1 / m**2 so that the ratio's step moves s as LSQ's would).
     quant = q.WeightFakeQuant(bits=4, per_channel=True, learned=True, channels=1)
-    quant.enabled.fill_(True)
+    quant.set_flag("enabled", True)
     weight = torch.tensor([[0.3, -0.9, 2.0]], requires_grad=True)
     quant.start_learning()
     assert quant.ratio.item() == 1.0 and quant.scales(weight).item() == pytest.approx(2.0 / 7)  # starts observed
@@ -127,7 +127,7 @@ def test_a_learned_weight_step_follows_the_lsq_formula_on_a_hand_checked_example
 
 def test_a_learned_activation_step_starts_from_the_observed_range_and_follows_lsq():
     quant = q.ActivationFakeQuant(learned=True)
-    quant.enabled.fill_(True)
+    quant.set_flag("enabled", True)
     quant.train()
     x = torch.tensor([[0.0, 1.0, 2.55]])  # observed [0, 2.55]: step 0.01, zero point 0
     quant(x)
@@ -189,3 +189,56 @@ def test_per_channel_weight_fake_quant_is_torchs_bit_for_bit_values_and_gradient
         assert torch.equal(ours_grad, theirs_grad)
     clipped = (ours_grad == 0).float().mean()
     assert 0.05 < clipped < 0.95  # the clipping case did clip: the gradient's mask was compared
+
+
+def test_activation_fake_quant_is_torchs_per_tensor_op_bit_for_bit_with_a_zero_point():
+    from lightning_compress.core.quantization.fake_quant import _FakeQuant
+
+    torch.manual_seed(0)
+    x = (torch.randn(8, 4, 6, 6) * 3).requires_grad_(True)
+    x.data[0, 0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, -0.5]) * 0.05  # exact halves: round half to even
+    for scale, zero in ((0.05, 100), (0.01, 0), (0.02, 255)):  # the last two clip on one side
+        ours = _FakeQuant.apply(x, torch.tensor([scale]), torch.tensor([float(zero)]), 0, 255)
+        theirs = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+        assert torch.equal(ours, theirs)
+        upstream = torch.randn_like(x)
+        assert torch.equal(*(torch.autograd.grad(y, x, upstream)[0] for y in (ours, theirs)))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_learned_step_op_gives_torchs_lsq_values_and_gradients(per_channel):
+    from lightning_compress.core.quantization.fake_quant import _LearnedStepFakeQuant
+
+    torch.manual_seed(0)
+    x = (torch.randn(8, 3, 5, 5) * 3).requires_grad_(True)
+    channels = 8 if per_channel else 1
+    step = (torch.rand(channels) * 0.1 + 0.02).requires_grad_(True)
+    zero = torch.zeros(channels) if per_channel else torch.tensor([3.0])
+    low, high, factor = (-8, 7, 0.37) if per_channel else (0, 15, 0.37)
+    ours = _LearnedStepFakeQuant.apply(x, step, zero, low, high, factor)
+    if per_channel:
+        theirs = torch._fake_quantize_learnable_per_channel_affine(x, step, zero, 0, low, high, factor)
+    else:
+        theirs = torch._fake_quantize_learnable_per_tensor_affine(x, step, zero, low, high, factor)
+    assert torch.equal(ours, theirs)
+    upstream = torch.randn_like(x)
+    ours_x, ours_step = torch.autograd.grad(ours, (x, step), upstream)
+    theirs_x, theirs_step = torch.autograd.grad(theirs, (x, step), upstream)
+    assert torch.equal(ours_x, theirs_x)
+    assert 0.05 < float((ours_x == 0).float().mean()) < 0.95  # some clipped: the masks were compared
+    torch.testing.assert_close(ours_step, theirs_step, rtol=1e-5, atol=1e-5)  # summed in another order
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_observed_weight_path_is_the_unfused_arithmetic_with_a_straight_through_gradient(bn):
+    net, _x = quantised(bn=bn)
+    layer = net.conv2
+    quant, stored = q.weight_quantizer(layer), weight_of(layer)
+    folded = quant.folded(stored.detach())
+    unfused = q.fake_quant_weight(folded, q.weight_scale(folded, quant.bits, True), quant.bits)
+    factor = quant.fold_factor(stored)
+    expected = unfused if factor is None else unfused / factor
+    assert torch.equal(layer.weight, expected)
+    upstream = torch.randn_like(stored)
+    (grad,) = torch.autograd.grad(layer.weight, stored, upstream)
+    assert torch.equal(grad, upstream)
