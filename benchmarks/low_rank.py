@@ -4,7 +4,10 @@ Arms (one seed, same data order, Adam 1e-3):
   dense                 -- E epochs;
   ours (epoch N)        -- ``LowRankFactorization(epoch=N, ratio=r)``: E epochs in all, E-N of them factorised;
   post-hoc + fine-tune  -- the dense model factorised after its E epochs with the same rule, then
-                           fine-tuned for the same E-N epochs that ours trains factorised.
+                           fine-tuned for the same E-N epochs that ours trains factorised;
+  ours + self-KD        -- (``--self-distill``) ours with ``KnowledgeDistillation(teacher="self")``: the
+                           factorised model learns from a frozen copy of itself taken at epoch N, before the
+                           factorisation (same E epochs, no separate teacher).
 For each per-layer parameter ratio r (the classifier's last layer is left alone), print parameters,
 MACs (one 28x28 image), top-1 accuracy (ONNX Runtime on the 1,000 validation images) and ORT
 latency at batch 64 (interleaved rounds, median), each as a ratio to dense.
@@ -22,7 +25,7 @@ from typing import Any
 
 from common import RESULTS, fit, markdown, new_module, ort_figures, save
 
-from lightning_compress import LowRankFactorization, export_onnx, get_datamodule
+from lightning_compress import KnowledgeDistillation, LowRankFactorization, export_onnx, get_datamodule
 from lightning_compress.core.low_rank import plan
 from lightning_compress.core.surgery import swap_modules
 from lightning_compress.deploy.measure import count_macs, count_parameters
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved ORT latency rounds")
     parser.add_argument("--runs", type=int, default=30, help="calls per latency measurement")
+    parser.add_argument("--self-distill", action="store_true", help="add the ours + self-KD arm")
+    parser.add_argument("--alpha", type=float, default=0.5, help="the self-KD arm's alpha")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
     args = parser.parse_args(argv)
     example = get_datamodule(args.data).example_input()[:1]
@@ -55,6 +60,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rule = LowRankFactorization(args.at, ratio=ratio, exclude=KEEP, conv_method=args.conv_method)
         fit(ours, args.data, args.epochs, args.seed, [rule])
         models[f"ours r={ratio}"] = ours
+        if args.self_distill:
+            taught = new_module(args.model, args.data, args.seed)
+            rule = LowRankFactorization(args.at, ratio=ratio, exclude=KEEP, conv_method=args.conv_method)
+            fit(taught, args.data, args.epochs, args.seed, [rule, KnowledgeDistillation("self", alpha=args.alpha)])
+            models[f"ours + self-KD r={ratio}"] = taught
         post = copy.deepcopy(dense)
         chosen, _ = plan(post, ratio=ratio, exclude=KEEP, conv_method=args.conv_method)
         swap_modules(post, {name: new for name, (new, _) in chosen.items()})

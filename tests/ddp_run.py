@@ -6,8 +6,9 @@ Every rank records its masks after every mask update, its observer ranges after 
 QAT is on, and at the end its weights, the KD adapter's weights and what DDP syncs, and saves them
 to OUT/rank<r>.pt. Usage: python tests/ddp_run.py OUT
 
-``python tests/ddp_run.py OUT learned`` runs a residual model (quantised sums) with MagnitudePruning and
-QuantizationAwareTraining(scales="learned") instead, recording the learned step sizes after every step.
+``python tests/ddp_run.py OUT learned`` runs a residual model (quantised sums) with MagnitudePruning,
+QuantizationAwareTraining(scales="learned") and KnowledgeDistillation(teacher="self", relational feature loss)
+instead, recording the learned step sizes after every step and the self-teacher's copy.
 """
 
 import sys
@@ -84,7 +85,8 @@ class Recorder(pl.Callback):
 class LearnedRecorder(pl.Callback):
     """The learned step sizes after every step, and at the end the weights and what DDP syncs."""
 
-    def __init__(self) -> None:
+    def __init__(self, kd: KnowledgeDistillation) -> None:
+        self.kd = kd
         self.scales: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -100,17 +102,23 @@ class LearnedRecorder(pl.Callback):
             "kinds": {name: scale_kinds(layer) for name, layer in quantized_layers(pl_module).items()},
             "sums": sorted(quantized_sums(pl_module)),
             "synced": len(synced),
+            "teacher": {k: v.clone() for k, v in self.kd.teacher.state_dict().items()},
+            "teacher_in_ddp": any(id(p) in synced for p in self.kd.teacher.parameters()),
+            "copied_at": self.kd.copied_at,
+            "kd_loss": float(trainer.callback_metrics["kd/loss"]),
+            "feature_loss": float(trainer.callback_metrics["kd/feature_loss"]),
         }
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 
 
 def learned() -> None:
-    """The residual model with pruning and learned-scale QAT under DDP."""
-    pruning = MagnitudePruning(final_sparsity=0.5, end_epoch=2, update_frequency=1)
+    """The residual model with pruning and learned-scale QAT from epoch 1 under DDP, distilled from itself."""
+    pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=1, end_epoch=2, update_frequency=1)
     qat = QuantizationAwareTraining(start_epoch=1, scales="learned", calibration_batches=2)
+    kd = KnowledgeDistillation("self", alpha=0.5, features={"net.blocks.1": "net.blocks.1"}, feature_loss="rkd")
     train, val = loaders(n=128, batch_size=8)
     trainer = pl.Trainer(
-        strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, callbacks=[pruning, qat, LearnedRecorder()],
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, callbacks=[pruning, qat, kd, LearnedRecorder(kd)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
     )  # fmt: skip

@@ -76,6 +76,21 @@ def budgeted(teacher: Any) -> list:
     ]
 
 
+SELF_KD = ("self_kd",)  # all four, distilled from the model itself as it was when compression started
+
+
+def self_distilled(teacher: Any) -> list:
+    """Every technique from epoch 1, distillation from a copy of the model (no teacher of its own)."""
+    return [
+        LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"]),
+        MagnitudePruning(final_sparsity=0.6, start_epoch=1, end_epoch=2),
+        QuantizationAwareTraining(start_epoch=1),
+        KnowledgeDistillation(
+            "self", temperature=2.0, alpha=0.5, features={"net.conv2": "net.conv2"}, feature_loss="attention"
+        ),
+    ]
+
+
 @pytest.fixture(scope="module")
 def teacher() -> TinyModule:
     _, module = fit([], module=TinyModule(bn=True), max_epochs=2, seed=7)
@@ -88,9 +103,9 @@ def matrix(teacher, tmp_path_factory) -> dict[tuple[str, ...], Path]:
     root = tmp_path_factory.mktemp("matrix")
     x = synthetic(16, seed=5).tensors[0]
     folders = {}
-    for subset in [*SUBSETS, PLANNED, BUDGETED]:
+    for subset in [*SUBSETS, PLANNED, BUDGETED, SELF_KD]:
         folder = root / "-".join(subset)
-        made = {PLANNED: planned, BUDGETED: budgeted}
+        made = {PLANNED: planned, BUDGETED: budgeted, SELF_KD: self_distilled}
         chosen = made[subset](teacher) if subset in made else techniques(subset, teacher)
         callbacks = [*chosen, CompressionExport(folder, plots=False, val_batches=1)]
         _, module = fit(callbacks, module=TinyModule(bn=True), max_epochs=3)
@@ -145,6 +160,16 @@ def test_a_plan_made_during_the_fit_composes_with_every_technique(matrix):
 
 
 @pytest.mark.slow
+def test_distillation_from_the_model_itself_composes_with_every_technique(matrix):
+    report = json.loads((matrix[SELF_KD] / "report.json").read_text())
+    assert set(report["files"]) == {"checkpoint", "onnx", "onnx_int8"}
+    assert all(check["passed"] for check in report["verification"].values()), report["verification"]
+    assert report["baseline"]["source"] == "teacher"  # the dense float copy taken at epoch 1
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["net.fc1.0"]["rank"] and sum(r["sparsity"] for r in rows.values()) / len(rows) > 0.3
+
+
+@pytest.mark.slow
 def test_every_exported_checkpoint_restores_in_a_fresh_process(matrix):
     script = (
         "import sys, torch\n"
@@ -161,7 +186,7 @@ def test_every_exported_checkpoint_restores_in_a_fresh_process(matrix):
     folders = [str(f) for f in matrix.values()]
     done = subprocess.run([sys.executable, "-c", script, *folders], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"restored {len(SUBSETS) + 2}" in done.stdout  # every subset, the planned and the budgeted run
+    assert f"restored {len(SUBSETS) + 3}" in done.stdout  # every subset, the planned, budgeted and self-taught runs
 
 
 def _state(module: torch.nn.Module) -> dict[str, Tensor]:

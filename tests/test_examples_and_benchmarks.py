@@ -59,11 +59,12 @@ def test_budget_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_low_rank_benchmark_smoke(tmp_path):
     args = ["--data", "digits", "--model", "cnn_small", "--epochs", "2", "--at", "1", "--ratios", "0.5"]
-    stdout = run_benchmark("low_rank.py", [*args, "--rounds", "1", "--runs", "3"], tmp_path)
-    assert "| ours r=0.5 |" in stdout and "| post-hoc r=0.5 |" in stdout
+    stdout = run_benchmark("low_rank.py", [*args, "--rounds", "1", "--runs", "3", "--self-distill"], tmp_path)
+    assert "| ours r=0.5 |" in stdout and "| post-hoc r=0.5 |" in stdout and "| ours + self-KD r=0.5 |" in stdout
     figures = json.loads((tmp_path / "low_rank.json").read_text())["figures"]
     assert figures["ours r=0.5"]["params"] < 0.6 * figures["dense"]["params"]
     assert figures["ours r=0.5"]["params"] == figures["post-hoc r=0.5"]["params"]
+    assert figures["ours + self-KD r=0.5"]["params"] == figures["ours r=0.5"]["params"]  # the copy is not exported
 
 
 @pytest.mark.slow

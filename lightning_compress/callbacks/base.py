@@ -105,6 +105,7 @@ class CompressionCallback(Callback):
     """
 
     kind: str = ""
+    changes_model: bool = False  # whether it changes what the model computes (and calls before_model_change first)
     _phase_epoch: int | None = None  # the training epoch whose phase was last applied (on_epoch_phase)
 
     def on_modules_replaced(
@@ -115,6 +116,14 @@ class CompressionCallback(Callback):
         Called before the optimizers move to the new parameters. A no-op here; callbacks that keep
         references to modules (masks, quantisers, hooked layers) find them again.
         """
+
+    def on_before_model_change(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, by: CompressionCallback
+    ) -> None:
+        """``by`` is about to change what ``pl_module`` computes (a mask update, fake quantisation switched on,
+        layers factorised): called by :func:`before_model_change` before every such change, so first of all
+        before the first one of the fit. A no-op here; ``KnowledgeDistillation(teacher="self")`` takes its copy
+        of the model at the first call."""
 
     @override
     def on_train_batch_end(
@@ -157,6 +166,13 @@ class CompressionCallback(Callback):
         # A fit that ends in an exception or Ctrl-C gets `on_exception` and never `teardown`: release the
         # model (hooks, patched methods, references) on that way out too. Each `teardown` is idempotent.
         self.teardown(trainer, pl_module, "fit")
+
+
+def before_model_change(trainer: Any, pl_module: pl.LightningModule, by: CompressionCallback) -> None:
+    """Tell every compression callback of ``trainer`` that ``by`` is about to change ``pl_module``
+    (:meth:`CompressionCallback.on_before_model_change`)."""
+    for callback in find_callbacks(trainer, CompressionCallback):
+        callback.on_before_model_change(trainer, pl_module, by)
 
 
 def find_callbacks(trainer: Any, kind: type[CallbackT]) -> list[CallbackT]:

@@ -6,6 +6,9 @@ length of a fit the callback wraps it on the instance
 (:class:`~lightning_compress.callbacks.step_patch.TrainingStepPatch`), watches the module's output
 with a forward hook, runs the teacher on the same batch and returns
 ``(1 - alpha) * task + alpha * KD (+ feature_weight * feature loss)`` in its place.
+
+With ``teacher="self"`` the teacher is a frozen, dense, float copy of the model itself, taken just before the
+first compression callback of the Trainer changes the model (:meth:`CompressionCallback.on_before_model_change`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -33,7 +36,10 @@ from lightning_compress.callbacks.base import (
 from lightning_compress.callbacks.step_patch import TrainingStepPatch
 from lightning_compress.core import distillation as core
 from lightning_compress.core.surgery import add_param_group, drop_patch
+from lightning_compress.deploy.onnx import float_copy
 from lightning_compress.errors import CompressionConfigError, config_error, did_you_mean, one_of
+
+SELF = "self"  # teacher="self": distil from a copy of the model as it is when compression starts
 
 
 class KnowledgeDistillation(CompressionCallback):
@@ -66,16 +72,27 @@ class KnowledgeDistillation(CompressionCallback):
     ``kd/task_loss`` (what ``training_step`` returned), ``kd/response_loss`` and, with
     ``features``, ``kd/feature_loss``.
 
+    ``teacher="self"`` distils the compressed model from itself as it was before compression: a frozen copy
+    (dense, float: masks folded, fake quantisation left out) of the module that produces the logits (the
+    LightningModule, or ``logits_module``) taken just before the first compression callback of the Trainer first
+    changes the model (a pruning mask update, QAT switched on, layers factorised), whatever the callbacks'
+    order; until then the step trains on the task loss alone. Feature names on the teacher side are the same
+    model's. The copy is never exported and is checkpointed only with ``save_teacher=True`` (a run resumed after
+    the copy was taken needs it: the checkpoint's model is already compressed). Taken before the first training
+    step (compression from step 0), it teaches only what the model already knew: a warning says so.
+
     Args:
-        teacher: an ``nn.Module`` / ``LightningModule``, or the path of a checkpoint: a checkpoint of
-            this package's ``ClassificationModule`` (a Lightning checkpoint or ``CompressionExport``'s
-            ``model.ckpt``, compressed or not) loads as is; otherwise give
+        teacher: an ``nn.Module`` / ``LightningModule``, the path of a checkpoint, or ``"self"`` (above): a
+            checkpoint of this package's ``ClassificationModule`` (a Lightning checkpoint or
+            ``CompressionExport``'s ``model.ckpt``, compressed or not) loads as is; otherwise give
             ``teacher_class`` (a ``LightningModule`` class for a Lightning checkpoint, or an
             ``nn.Module`` class built without arguments for a plain state-dict file).
         temperature: softmax temperature ``T`` (> 0).
         alpha: weight of the KD term, in ``[0, 1]``.
         features: ``{"student.layer": "teacher.layer"}`` pairs for feature KD.
-        feature_loss: ``mse`` or ``cosine``.
+        feature_loss: ``mse``, ``cosine`` (both through an adapter where widths differ), ``rkd`` (relational KD,
+            Park et al. 2019: distances and angles within the batch) or ``attention`` (attention transfer,
+            Zagoruyko & Komodakis 2017: spatial maps of conv features); the last two need no adapter.
         feature_weight: weight of the feature term (>= 0).
         input_fn: ``batch -> teacher input``.
         logits_fn: ``student output -> logits``.
@@ -107,7 +124,7 @@ class KnowledgeDistillation(CompressionCallback):
         temperature: float = 4.0,
         alpha: float = 0.9,
         features: Mapping[str, str] | None = None,
-        feature_loss: Literal["mse", "cosine"] = "mse",
+        feature_loss: Literal["mse", "cosine", "rkd", "attention"] = "mse",
         feature_weight: float = 1.0,
         input_fn: Callable[[Any], Tensor] | None = None,
         logits_fn: Callable[[Any], Tensor] | None = None,
@@ -137,8 +154,17 @@ class KnowledgeDistillation(CompressionCallback):
             raise config_error("logits_module", "a submodule name or None", logits_module)
         if not isinstance(save_teacher, bool):
             raise config_error("save_teacher", "True or False", save_teacher)
-        self.teacher = teacher if isinstance(teacher, nn.Module) else load_teacher(teacher, teacher_class)
-        core.freeze_teacher(self.teacher)
+        self.from_self = isinstance(teacher, str) and teacher == SELF
+        if self.from_self and teacher_class is not None:
+            raise config_error("teacher_class", "None with teacher='self' (the teacher is a copy of the model)",
+                               teacher_class)  # fmt: skip
+        self.teacher: nn.Module | None = None
+        if not self.from_self:
+            self.teacher = teacher if isinstance(teacher, nn.Module) else load_teacher(teacher, teacher_class)
+            core.freeze_teacher(self.teacher)
+        self.copied_at: int | None = None  # teacher="self": the global step at which the copy was taken
+        self._saved_teacher: dict[str, Any] | None = None  # its weights, from a checkpoint
+        self._skeleton: nn.Module | None = None  # a dense copy to load them into (taken at setup)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.features = dict(features or {})
@@ -185,13 +211,20 @@ class KnowledgeDistillation(CompressionCallback):
                 "cannot add the KD loss. HINT: call lightning_compress.core.distillation.response_kd_loss in your step"
             )
         student_params = {id(p) for p in pl_module.parameters()}
-        if any(id(p) in student_params for p in self.teacher.parameters()):
+        if self.teacher is not None and any(id(p) in student_params for p in self.teacher.parameters()):
             raise CompressionConfigError(
                 "KnowledgeDistillation's `teacher` shares parameters with the student being trained: freezing it "
                 "would freeze the student. HINT: pass a separate copy (copy.deepcopy) or a checkpoint path"
             )
         self._find_layers(pl_module)
-        self._teacher_layers = {n: core.resolve_module(self.teacher, t, "teacher") for n, t in self.features.items()}
+        if self.from_self:  # a new copy for this fit (a resumed one gets its own back from the checkpoint)
+            assert self._output is not None
+            self.teacher, self.copied_at, self._saved_teacher = None, None, None
+            for name in self.features.values():
+                core.resolve_module(self._output, name, "teacher")  # the copy has the model's names: check now
+            self._skeleton = float_copy(self._output)  # dense: for a resumed fit's saved copy (dropped once copied)
+        else:
+            self._find_teacher_layers()
         self.adapters, self._shapes = {}, {}  # a resumed run rebuilds them in load_state_dict, next
         self._optimizer, self._schedulers = None, []
         self._patch.enter(pl_module)  # until teardown or an exception
@@ -213,8 +246,14 @@ class KnowledgeDistillation(CompressionCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         floats = [p for p in pl_module.parameters() if p.is_floating_point()]
         dtype = floats[0].dtype if floats else torch.get_default_dtype()
-        self.teacher.to(device=pl_module.device, dtype=dtype)
-        core.freeze_teacher(self.teacher)
+        if self.from_self:
+            self._restore_self_teacher()
+            changing = [c for c in find_callbacks(trainer, CompressionCallback) if c.changes_model]
+            if self.copied_at is None and not changing:  # nothing will compress: the model as the fit starts
+                self._take_copy(trainer, None)
+        if self.teacher is not None:
+            self.teacher.to(device=pl_module.device, dtype=dtype)
+            core.freeze_teacher(self.teacher)
         self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
         configs = trainer.lr_scheduler_configs
         self._schedulers = [c.scheduler for c in configs if c.scheduler.optimizer is self._optimizer]
@@ -223,10 +262,58 @@ class KnowledgeDistillation(CompressionCallback):
                 adapter.to(device=pl_module.device, dtype=dtype)
             self._add_to_optimizer(list(self.adapters.values()))
 
+    # -- teacher="self": the copy ---------------------------------------------------------------------
+    @override
+    def on_before_model_change(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, by: CompressionCallback
+    ) -> None:
+        if self.from_self and self.teacher is None and self.copied_at is None:
+            self._take_copy(trainer, by)
+
+    def _take_copy(self, trainer: pl.Trainer, by: CompressionCallback | None) -> None:
+        assert self._output is not None  # set at setup
+        self.teacher = core.freeze_teacher(float_copy(self._output))
+        self._find_teacher_layers()
+        self.copied_at = trainer.global_step
+        self._skeleton = None
+        what = f"before {type(by).__name__} changes it" if by is not None else "as the fit starts (nothing compresses)"
+        rank_zero_info(
+            f"KnowledgeDistillation: teacher='self' is a frozen dense float copy of the model at step "
+            f"{trainer.global_step} (epoch {trainer.current_epoch}), {what}"
+        )
+        if trainer.global_step == 0:
+            rank_zero_warn(
+                "KnowledgeDistillation(teacher='self') copied the model before its first training step: the copy "
+                "teaches only what the model already knows (pretrained or loaded weights). HINT: from random "
+                "weights, start the compression callbacks after a warm-up (start_epoch=..., LowRankFactorization's "
+                "epoch=...)"
+            )
+
+    def _find_teacher_layers(self) -> None:
+        assert self.teacher is not None
+        self._teacher_layers = {n: core.resolve_module(self.teacher, t, "teacher") for n, t in self.features.items()}
+
+    def _restore_self_teacher(self) -> None:
+        """A resumed fit: the copy comes back from the checkpoint, or the fit cannot go on."""
+        if self.copied_at is None or self.teacher is not None:
+            return
+        if self._saved_teacher is None or self._skeleton is None:
+            raise CompressionConfigError(
+                f"KnowledgeDistillation(teacher='self') took its copy of the model at step {self.copied_at}, and "
+                "this checkpoint does not hold it: the model in the checkpoint is already compressed, so the copy "
+                "cannot be taken again. HINT: KnowledgeDistillation(teacher='self', save_teacher=True) keeps the copy "
+                "in the checkpoints of a run that is to be resumed"
+            )
+        self._skeleton.load_state_dict(self._saved_teacher)
+        self.teacher, self._skeleton, self._saved_teacher = core.freeze_teacher(self._skeleton), None, None
+        self._find_teacher_layers()
+
     # -- the distillation step --------------------------------------------------------------------
     def _training_step(
         self, pl_module: pl.LightningModule, original: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> Any:
+        if self.teacher is None:  # teacher="self" before compression starts: the task alone
+            return original(*args, **kwargs)
         batch = args[0] if args else kwargs.get("batch")
         assert self._output is not None  # set at setup
         with core.capture({"": self._output, **self._student_layers}) as seen:
@@ -275,6 +362,9 @@ class KnowledgeDistillation(CompressionCallback):
                         "in forward and returns one tensor"
                     )
             assert isinstance(student, Tensor) and isinstance(teacher, Tensor)
+            if self.feature_loss in core.SHAPE_FREE_LOSSES:  # relations / attention maps: no adapter to learn
+                losses.append(core.feature_loss(student, teacher, self.feature_loss))
+                continue
             adapter = self.adapters.get(name)
             if adapter is None:
                 try:
@@ -316,11 +406,20 @@ class KnowledgeDistillation(CompressionCallback):
 
     # -- end of fit and checkpoint state ---------------------------------------------------------
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.from_self and self.teacher is None:
+            rank_zero_info(
+                "KnowledgeDistillation(teacher='self') distilled nothing: no compression callback changed the model "
+                "in this fit, so no copy was taken"
+            )
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._patch.exit(pl_module)
         self._optimizer, self._schedulers = None, []
         self._student_layers, self._output = {}, None  # no reference to the model outlives the fit
+        self._skeleton = self._saved_teacher = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -333,7 +432,9 @@ class KnowledgeDistillation(CompressionCallback):
                 for name, (s, t) in self._shapes.items()
             },
         }
-        if self.save_teacher:
+        if self.from_self:
+            state["self_copied_at"] = self.copied_at
+        if self.save_teacher and self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         return state
 
@@ -345,7 +446,10 @@ class KnowledgeDistillation(CompressionCallback):
             adapter = core.make_adapter(torch.Size(shapes[0]), torch.Size(shapes[1]))
             adapter.load_state_dict(saved["state"])
             self.adapters[name], self._shapes[name] = adapter, shapes
-        if "teacher" in state_dict:
+        if self.from_self:
+            self.copied_at = state_dict.get("self_copied_at")
+            self._saved_teacher = state_dict.get("teacher")
+        elif "teacher" in state_dict and self.teacher is not None:
             self.teacher.load_state_dict(state_dict["teacher"])
 
 

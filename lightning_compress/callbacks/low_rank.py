@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import (
     CompressionCallback,
     batch_input,
+    before_model_change,
     check_layer_values,
     check_names,
     check_strategy,
@@ -72,6 +73,7 @@ class LowRankFactorization(CompressionCallback):
     """
 
     kind = "low_rank"
+    changes_model = True
 
     def __init__(
         self,
@@ -172,6 +174,7 @@ class LowRankFactorization(CompressionCallback):
             self.factorized = {name: core.describe(m).to_dict() for name, m in pl_module.named_modules()
                                if isinstance(m, core.LowRank)}  # fmt: skip
             return
+        before_model_change(trainer, pl_module, self)
         example = self._example if self._example is not None else pl_module.example_input_array
         exposed = core.attention_to_expose(pl_module, self.include, self.exclude)
         if exposed:  # attention's projections become layers that are called, and can be factorised

@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import (
     CompressionCallback,
     batch_input,
+    before_model_change,
     check_epoch,
     check_layer_values,
     check_names,
@@ -102,6 +103,7 @@ class MagnitudePruning(CompressionCallback):
     """
 
     kind = "pruning"
+    changes_model = True
 
     def __init__(
         self,
@@ -373,6 +375,7 @@ class MagnitudePruning(CompressionCallback):
         step = trainer.global_step
         if self.schedule is None or step == self.last_update_step or not self.schedule.is_update_step(step):
             return
+        before_model_change(trainer, pl_module, self)
         self.update_masks(self.schedule.target(step))
         self.last_update_step = step
         self._log(pl_module, on_step=True)

@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_compress.callbacks.base import (
     CompressionCallback,
     batch_input,
+    before_model_change,
     check_epoch,
     check_layer_values,
     check_names,
@@ -108,6 +109,7 @@ class QuantizationAwareTraining(CompressionCallback):
     """
 
     kind = QUANTIZATION_KIND
+    changes_model = True
 
     def __init__(
         self,
@@ -383,6 +385,8 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def on_epoch_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._now = self._phase(trainer.current_epoch)  # read on every step: computed once an epoch
+        if self._now["enabled"]:
+            before_model_change(trainer, pl_module, self)
         core.keep_in_float(pl_module, self.float_layers)  # also after a resume: the list is callback state
         core.enable(pl_module, self._now["enabled"])
         core.freeze_observers(pl_module, self._now["observers_frozen"])

@@ -1,4 +1,6 @@
-"""Knowledge distillation core: response KD (Hinton et al. 2015) and feature KD with adapters.
+"""Knowledge distillation core: response KD (Hinton et al. 2015), feature KD with adapters, and the losses that
+compare structure instead of features: relational KD (Park et al. 2019) and attention transfer (Zagoruyko &
+Komodakis 2017).
 
 No Lightning here. The callback (issue #4) decides when to run the teacher and how to mix the
 losses; these functions compute them.
@@ -23,7 +25,8 @@ from torch import Tensor, nn
 
 from lightning_compress.errors import CompressionConfigError, config_error, one_of
 
-FEATURE_LOSSES = ("mse", "cosine")
+FEATURE_LOSSES = ("mse", "cosine", "rkd", "attention")
+SHAPE_FREE_LOSSES = ("rkd", "attention")  # they compare relations / maps: student and teacher widths may differ
 
 
 def response_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -48,13 +51,19 @@ def response_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
 
 
 def feature_loss(student: Tensor, teacher: Tensor, kind: str = "mse") -> Tensor:
-    """Distance between matched feature maps: ``mse`` or ``cosine`` (1 - cosine similarity per sample).
+    """Distance between matched feature maps: ``mse``, ``cosine`` (1 - cosine similarity per sample), ``rkd``
+    (:func:`rkd_loss`) or ``attention`` (:func:`attention_transfer_loss`); the last two accept different widths.
 
     Raises:
-        CompressionConfigError: an unknown ``kind`` or different shapes (bridge them with an adapter).
+        CompressionConfigError: an unknown ``kind``, or different shapes for ``mse`` / ``cosine`` (bridge them
+            with an adapter).
     """
     if kind not in FEATURE_LOSSES:
         raise config_error("feature_loss", one_of(FEATURE_LOSSES), kind)
+    if kind == "rkd":
+        return rkd_loss(student, teacher)
+    if kind == "attention":
+        return attention_transfer_loss(student, teacher)
     if student.shape != teacher.shape:
         raise CompressionConfigError(
             f"matched features must have the same shape, got student {tuple(student.shape)} and teacher "
@@ -65,6 +74,90 @@ def feature_loss(student: Tensor, teacher: Tensor, kind: str = "mse") -> Tensor:
         return F.mse_loss(student.float(), teacher.float())
     similarity = F.cosine_similarity(student.flatten(1).float(), teacher.flatten(1).float(), dim=1)
     return (1 - similarity).mean()
+
+
+def _relational(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The pairwise distances ``d[i, j] = ||x_i - x_j||`` of a batch of embeddings ``(N, D)``, and the cosines
+    ``c[j, i, k]`` of the angles at ``x_j`` between ``x_i`` and ``x_k``, both from one Gram matrix of the centred
+    batch (distances and angles do not change under a shift; the ``N x N x N`` cosines need no ``N x N x D``
+    tensor of differences)."""
+    x = x - x.mean(0, keepdim=True)
+    gram = x @ x.T
+    square = gram.diagonal()
+    distance = (square[:, None] + square[None, :] - 2 * gram).clamp_min(1e-12).sqrt()  # finite gradients at 0
+    # <x_i - x_j, x_k - x_j> = G_ik - G_ij - G_jk + G_jj, at [j, i, k]
+    inner = gram[None, :, :] - gram.T[:, :, None] - gram[:, None, :] + square[:, None, None]
+    cosine = inner / (distance[:, :, None] * distance[:, None, :]).clamp_min(1e-12)
+    return distance, cosine
+
+
+def rkd_loss(student: Tensor, teacher: Tensor, angle_weight: float = 2.0) -> Tensor:
+    """Relational knowledge distillation (Park et al. 2019): the batch's structure, not its features.
+
+    Each sample's features are flattened to one embedding. *Distance-wise*: the distance of every pair of
+    distinct samples over the mean of those distances (``psi_D``), compared by the Huber loss (smooth L1,
+    ``delta = 1``) between student and teacher and averaged over the pairs. *Angle-wise*: the cosine of the angle
+    every triplet of distinct samples makes at its middle one (``psi_A(t_i, t_j, t_k) = <e_ij, e_kj>``,
+    ``e_ij = (t_i - t_j) / ||t_i - t_j||``), compared the same way over the triplets. Returned:
+    ``distance + angle_weight * angle`` (the paper weighs them 1:2, as 25:50 and 1:2 in its experiments).
+
+    Both are invariant to the embeddings' scale, rotation and shift, and need no adapter: student and
+    teacher may have different widths. Samples that coincide give distance 0 and cosine 0.
+
+    Raises:
+        CompressionConfigError: fewer than 3 samples, or batches of different sizes.
+    """
+    if len(student) != len(teacher) or len(student) < 3:
+        raise CompressionConfigError(
+            f"rkd compares the relations within a batch: it needs the same batch of at least 3 samples for student "
+            f"and teacher, got {len(student)} and {len(teacher)}"
+        )
+    n = len(student)
+    s_dist, s_cos = _relational(student.flatten(1).float())
+    t_dist, t_cos = _relational(teacher.detach().flatten(1).float())
+    pairs = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    s_psi = s_dist[pairs] / s_dist[pairs].mean().clamp_min(1e-12)
+    t_psi = t_dist[pairs] / t_dist[pairs].mean().clamp_min(1e-12)
+    triplets = pairs[:, :, None] & pairs[:, None, :] & pairs[None, :, :]  # j != i, j != k, i != k
+    distance = F.smooth_l1_loss(s_psi, t_psi)
+    angle = F.smooth_l1_loss(s_cos[triplets], t_cos[triplets])
+    return distance + angle_weight * angle
+
+
+def attention_map(features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """The spatial attention map of Zagoruyko & Komodakis (2017): ``sum_c |A_c|^2`` of a feature map
+    ``(N, C, H, W)``, resized (bilinear) to ``size`` when given, flattened and L2-normalised per sample: ``(N, H*W)``.
+
+    Raises:
+        CompressionConfigError: not a 4-dimensional feature map.
+    """
+    if features.dim() != 4:
+        raise CompressionConfigError(
+            f"attention transfer needs (N, C, H, W) feature maps, got shape {tuple(features.shape)}. HINT: match "
+            "convolutional layers, or use feature_loss='mse', 'cosine' or 'rkd'"
+        )
+    energy = features.float().pow(2).sum(1, keepdim=True)
+    if size is not None and tuple(energy.shape[2:]) != tuple(size):
+        energy = F.interpolate(energy, size=size, mode="bilinear", align_corners=False)
+    return F.normalize(energy.flatten(1), dim=1)
+
+
+def attention_transfer_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017): ``|| Q_s / ||Q_s|| - Q_t / ||Q_t|| ||_2`` per sample
+    (``Q``: :func:`attention_map`), averaged over the batch (the paper's ``beta / 2`` is ``feature_weight``).
+    The channel counts may differ (the map sums over channels); a student map of another spatial size is
+    resized to the teacher's.
+
+    Raises:
+        CompressionConfigError: not 4-dimensional feature maps, or batches of different sizes.
+    """
+    if len(student) != len(teacher):
+        raise CompressionConfigError(
+            f"attention transfer needs the same batch for student and teacher, got {len(student)} and {len(teacher)}"
+        )
+    target = attention_map(teacher.detach())
+    size = tuple(teacher.shape[2:])
+    return (attention_map(student, (int(size[0]), int(size[1]))) - target).norm(dim=1).mean()
 
 
 def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module:

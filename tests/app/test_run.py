@@ -48,6 +48,27 @@ def test_teacher_then_full_pipeline_recipes_run_end_to_end(tmp_path, monkeypatch
     assert "kd/response_loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_the_self_distillation_recipe_runs_end_to_end(tmp_path, monkeypatch, capsys, caplog):
+    import json
+    import re
+
+    from lightning_compress.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = str(ROOT / "recipes" / "mnist5k" / "self_distill.yaml")
+    overrides = ["--trainer.enable_progress_bar=false", "--data.name=digits", "--trainer.max_epochs=4",
+                 "--compression.pruning.start_epoch=1", "--compression.pruning.end_epoch=2",
+                 "--compression.quantization.start_epoch=3"]  # fmt: skip
+    assert main(["fit", recipe, *overrides]) == 0
+    report = json.loads((tmp_path / "runs" / "mnist5k-self-distilled" / "report.json").read_text())
+    assert all(check["passed"] for check in report["verification"].values()) and "onnx_int8" in report["files"]
+    assert report["baseline"]["source"] == "teacher"  # the dense copy: what compression cost
+    assert "kd/response_loss" in capsys.readouterr().out
+    assert re.search(r"teacher='self' is a frozen dense float copy of the model at step \d+ \(epoch 1\), before "
+                     "MagnitudePruning", caplog.text)  # fmt: skip
+
+
 def test_a_recipe_run_sends_every_figure_to_wandb(tmp_path, monkeypatch):
     import torch
 

@@ -1,4 +1,5 @@
 import copy
+import csv
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,12 +14,14 @@ from lightning_compress import (
     ClassificationModule,
     CompressionConfigError,
     KnowledgeDistillation,
+    LowRankFactorization,
     MagnitudePruning,
     QuantizationAwareTraining,
     export_onnx,
 )
 from lightning_compress.core.distillation import response_kd_loss
 from lightning_compress.core.layers import select_layers
+from lightning_compress.core.low_rank import LowRank
 from lightning_compress.core.pruning import sparsity
 from lightning_compress.core.quantization import quantized_layers
 from tests.helpers import TinyModule, TinyNet, fit, loaders, logged_metrics, synthetic, weights
@@ -64,7 +67,7 @@ class LossProbe(pl.Callback):
         ({"alpha": 1.5}, r"`alpha` must be a number in \[0, 1\], got 1.5"),
         ({"alpha": "0.5"}, r"`alpha` must be a number in \[0, 1\], got '0.5'"),
         ({"features": ["net.conv1"]}, "`features` must be a mapping of student layer names to teacher layer names"),
-        ({"feature_loss": "mae"}, "`feature_loss` must be one of 'mse', 'cosine', got 'mae'"),
+        ({"feature_loss": "mae"}, "`feature_loss` must be one of 'mse', 'cosine', 'rkd', 'attention', got 'mae'"),
         ({"feature_loss": "cosin"}, "got 'cosin'. HINT: did you mean 'cosine'"),
         ({"feature_weight": -1}, "`feature_weight` must be a number >= 0, got -1"),
         ({"input_fn": 3}, "`input_fn` must be a callable or None, got 3"),
@@ -360,3 +363,110 @@ def test_ddp_ranks_agree_and_the_teacher_stays_out_of_the_gradient_sync(ddp_run)
         assert torch.equal(value, rank1["adapter"][key]), key
     for key, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][key]), key
+
+
+# -- teacher="self": distillation from the model as it was before compression --------------------------
+class Snapshot(pl.Callback):
+    """The model's Conv/Linear weights at the end of every training epoch."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights[trainer.current_epoch] = weights(pl_module)
+
+
+def self_compression() -> list[pl.Callback]:
+    """Every technique that changes the model, from epoch 1 (8 steps an epoch)."""
+    return [
+        LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1"]),
+        MagnitudePruning(final_sparsity=0.6, start_epoch=1, end_epoch=2),
+        QuantizationAwareTraining(start_epoch=1),
+    ]
+
+
+@pytest.mark.parametrize("kd_first", [True, False])
+def test_the_self_teacher_is_the_model_just_before_compression_starts(kd_first, tmp_path):
+    kd, snapshot = KnowledgeDistillation("self", alpha=0.5), Snapshot()
+    others = self_compression()
+    logger = CSVLogger(tmp_path, name="run")
+    fit([kd, *others, snapshot] if kd_first else [*others, kd, snapshot], module=TinyModule(bn=True), max_epochs=3,
+        seed=1, logger=logger)  # fmt: skip
+    assert kd.copied_at == 8  # the first step of epoch 1, before any of the three changed the model
+    teacher = kd.teacher
+    assert teacher is not None and not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not quantized_layers(teacher) and not any(isinstance(m, LowRank) for m in teacher.modules())
+    assert not any("parametrizations" in key for key in teacher.state_dict())  # dense and float: nothing attached
+    for name, weight in snapshot.weights[0].items():  # the model as epoch 0 left it
+        assert torch.equal(weights(teacher)[name], weight), name
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    epochs = {int(row["epoch"]) for row in rows if row.get("kd/loss")}
+    assert epochs == {1, 2}  # the task loss alone until compression started
+
+
+def test_the_self_teacher_is_never_exported_or_checkpointed_unless_asked(tmp_path):
+    kd = KnowledgeDistillation("self")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _, student = fit([kd, MagnitudePruning(0.5, start_epoch=1), checkpoint], max_epochs=2, seed=1,
+                     enable_checkpointing=True)  # fmt: skip
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == set(student.state_dict())
+    assert saved["callbacks"][kd.state_key]["self_copied_at"] == 8 and "teacher" not in saved["callbacks"][kd.state_key]
+    in_optimizer = {id(p) for p in student.trainer.optimizers[0].param_groups[0]["params"]}
+    assert not in_optimizer & {id(p) for p in kd.teacher.parameters()}
+
+
+def test_a_self_teacher_taken_before_any_training_step_warns():
+    with pytest.warns(UserWarning, match=r"copied the model before its first training step.*pretrained"):
+        fit([KnowledgeDistillation("self"), MagnitudePruning(0.5)], max_epochs=1)
+    kd = KnowledgeDistillation("self")  # nothing compresses: the model as the fit starts
+    with pytest.warns(UserWarning, match="before its first training step"):
+        fit([kd], max_epochs=1)
+    assert kd.copied_at == 0
+
+
+def test_self_teacher_arguments_and_names_are_checked():
+    with pytest.raises(CompressionConfigError, match="`teacher_class` must be None with teacher='self'"):
+        KnowledgeDistillation("self", teacher_class=TinyNet)
+    kd = KnowledgeDistillation("self", features={"net.fc1": "net.fc3"})
+    with pytest.raises(CompressionConfigError, match=r"teacher layer 'net.fc3' does not exist.*nearest names"):
+        fit([kd, MagnitudePruning(0.5, start_epoch=1)], max_epochs=1)
+
+
+def test_a_resumed_fit_gets_the_self_teacher_back_or_says_why_it_cannot(tmp_path):
+    def run(ckpt_path=None, subdir="a", save_teacher=True):
+        kd = KnowledgeDistillation("self", alpha=0.5, save_teacher=save_teacher)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / subdir, save_top_k=-1, every_n_epochs=1)
+        module = TinyModule(optimizer="adam", lr=0.01)
+        pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=1, end_epoch=2)
+        fit([kd, pruning, checkpoint], module=module, max_epochs=3, seed=1, ckpt_path=ckpt_path,
+            enable_checkpointing=True)  # fmt: skip
+        return module, kd
+
+    full, full_kd = run()
+    for mid, subdir in ((tmp_path / "a" / "epoch=0-step=8.ckpt", "b"), (tmp_path / "a" / "epoch=1-step=16.ckpt", "c")):
+        resumed, resumed_kd = run(ckpt_path=mid, subdir=subdir)  # before the copy was taken, and after
+        assert resumed_kd.copied_at == 8
+        for name, weight in weights(full_kd.teacher).items():
+            assert torch.equal(weight, weights(resumed_kd.teacher)[name]), (subdir, name)
+        for name, weight in weights(full).items():
+            assert torch.equal(weight, weights(resumed)[name]), (subdir, name)
+    run(subdir="d", save_teacher=False)
+    with pytest.raises(CompressionConfigError, match=r"took its copy of the model at step 8.*HINT:.*save_teacher=True"):
+        run(ckpt_path=tmp_path / "d" / "epoch=1-step=16.ckpt", subdir="e", save_teacher=False)
+
+
+@pytest.mark.parametrize(
+    ("kind", "pairs"), [("attention", {"net.conv2": "net.conv1"}), ("rkd", {"net.fc1": "net.conv2"})]
+)
+def test_relational_and_attention_losses_need_no_adapter(kind, pairs, tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    kd = KnowledgeDistillation("self", features=pairs, feature_loss=kind, feature_weight=10.0)
+    fit([kd, MagnitudePruning(0.5, start_epoch=1)], module=TinyModule(bn=True), max_epochs=2, seed=1, logger=logger)
+    assert not kd.adapters  # widths differ, nothing to learn
+    metrics = {k: float(v) for k, v in logged_metrics(logger, prefix="kd/").items()}
+    assert metrics["kd/feature_loss"] > 0
+    assert metrics["kd/loss"] == pytest.approx(
+        0.1 * metrics["kd/task_loss"] + 0.9 * metrics["kd/response_loss"] + 10.0 * metrics["kd/feature_loss"], rel=1e-4
+    )

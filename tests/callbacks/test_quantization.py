@@ -205,6 +205,11 @@ def test_ddp_learned_step_sizes_stay_identical_on_both_ranks_and_out_of_ddps_syn
         assert torch.equal(value, rank1["weights"][key]), key
     assert rank0["learned_in_ddp"] == [] and rank0["sums"] == ["net.blocks.0", "net.blocks.1"]
     assert set(rank0["kinds"].values()) <= {"learned", "learned weights"} and "learned" in rank0["kinds"].values()
+    # distilled from itself (teacher="self"): the same copy on both ranks, taken at epoch 1, outside DDP's sync
+    assert rank0["copied_at"] == rank1["copied_at"] == 8 and not rank0["teacher_in_ddp"]
+    for key, value in rank0["teacher"].items():
+        assert torch.equal(value, rank1["teacher"][key]), key
+    assert min(rank0["kd_loss"], rank1["kd_loss"], rank0["feature_loss"], rank1["feature_loss"]) > 0
 
 
 def test_attention_projections_are_quantised_and_the_int8_file_verifies(tmp_path):
