@@ -293,11 +293,13 @@ class QuantizationAwareTraining(CompressionCallback):
         for name in core.leave_uncalled_in_float(pl_module, example):
             rank_zero_warn(f"QuantizationAwareTraining leaves {name!r} in float: its weight is read, never called")
         shared = core.share_ranges(pl_module, example)
+        tails = core.move_to_tails(pl_module, example)
         sums = core.quantize_sums(pl_module, example)
         covered = core.share_inputs(pl_module, example)
         rank_zero_info(
             f"QuantizationAwareTraining: {len(layers)} layers, {len(self._folded_bns)} BatchNorms folded, "
-            f"{len(shared)} output ranges shared with the next layer's input, {len(sums)} residual sums quantised, "
+            f"{len(shared)} output ranges shared with the next layer's input, {len(tails)} quantised after the "
+            f"ReLU / pooling that follow them, {len(sums)} residual sums quantised, "
             f"{len(covered)} inputs already quantised"
         )
 

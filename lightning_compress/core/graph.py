@@ -9,6 +9,8 @@ by module name (no tensors are kept):
   BatchNorms along with the channels, quantisation folds them);
 - ``reaches``: where a module's output goes when it passes only through ReLU / ReLU6 / MaxPool / Flatten /
   Identity / Dropout modules (quantisation then lets one range serve both ends);
+- ``tails``: where such a path ends in code outside the modules instead (``F.avg_pool2d``, ``torch.flatten``
+  in a ``forward``): its last module (quantisation then quantises there, after the ReLU and the pooling);
 - ``sums``: the modules whose output is a sum of two tensors computed in their own ``forward`` (a residual
   ``x + f(x)``, as in MobileNetV2 and EfficientNet blocks), which module hooks can quantise; the ops that code
   outside the leaf modules runs are recorded during the same pass (a ``TorchFunctionMode``), so a tensor that
@@ -127,6 +129,8 @@ class ModelGraph:
             from a module's output along a single path through range-preserving modules.
         called: the leaf modules the forward pass called (a layer whose weight is read without calling
             the layer, as torchvision's Swin attention does, is not among them).
+        tails: ``{module: last module}``: where a module's output passes only range-preserving modules, each
+            called once, and then only code outside the modules reads it (a functional op), the last of them.
         chains: ``{layer: (module, ..., next layer)}``: the Conv/Linear a layer's output reaches along a single
             path of :data:`SCALE_PRESERVING_TYPES` modules (BatchNorm, ReLU, ReLU6, pooling, ...), the modules
             passed on the way first (cross-layer equalisation's candidate pairs). A tensor also used by code
@@ -140,6 +144,7 @@ class ModelGraph:
     signature: tuple[tuple[str, str], ...]
     bn_pairs: dict[str, str] = field(default_factory=dict)
     reaches: dict[str, str] = field(default_factory=dict)
+    tails: dict[str, str] = field(default_factory=dict)
     called: set[str] = field(default_factory=set)
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sums: dict[str, Sum] = field(default_factory=dict)
@@ -350,6 +355,7 @@ class _Pass:
     produced: dict[Key, list[str]]  # the modules (leaf or not) whose output a tensor is, innermost first
     raw: dict[str, Key]  # each non-leaf module called once: its output before any forward hook
     keep: list[Any]  # every tensor seen, kept alive so that ids are not reused
+    counts: dict[str, int] = field(default_factory=dict)  # how often each leaf module was called
 
 
 def _module_calls(model: nn.Module, example: Any) -> _Pass:
@@ -386,6 +392,7 @@ def _leaf_before(seen: _Pass, name: str, module: nn.Module, args: tuple[Any, ...
         seen.consumers.setdefault(id(x), []).append(call)
         seen.keep.append(x)
     seen.last[name] = call
+    seen.counts[name] = seen.counts.get(name, 0) + 1
     seen.functional.depth += 1
 
 
@@ -442,6 +449,10 @@ def _build(model: nn.Module, example: Any, structure: tuple[tuple[str, str], ...
         reached = _path(produced, consumers, used, modules, preserves_range)
         if reached is not None:
             graph.reaches[name] = reached[-1]
+        else:
+            tail = _tail(produced, consumers, used, modules, seen.counts)
+            if tail is not None:
+                graph.tails[name] = tail
         chain = _path(produced, consumers, used, modules, lambda m: isinstance(m, SCALE_PRESERVING_TYPES))
         if chain is not None and isinstance(modules[name], LAYER_TYPES) and isinstance(modules[chain[-1]], LAYER_TYPES):
             graph.chains[name] = chain
@@ -482,6 +493,31 @@ def _path(
         path.append(call.name)
         if not passing(modules[call.name]):
             return tuple(path)
+        tensor, version = call.result, call.result_version
+    return None
+
+
+def _tail(
+    produced: _Call, consumers: Mapping[int, list[_Call]], used: set[Key], modules: Mapping[str, nn.Module],
+    counts: Mapping[str, int],
+) -> str | None:  # fmt: skip
+    """The last module of the single path from ``produced``'s output through range-preserving modules that are
+    called once, where only code outside the modules (``used``) reads the path's end; else ``None`` (no such
+    module on the way, a branch, a module that does not preserve the range, or a module called again)."""
+    tensor, version = produced.result, produced.result_version
+    followed: set[int] = set()
+    last: str | None = None
+    while tensor is not None:
+        calls = [c for c in consumers.get(id(tensor), []) if c.version == version and id(c) not in followed]
+        if not calls:
+            return last if (id(tensor), version) in used else None
+        if (id(tensor), version) in used or len(calls) != 1:
+            return None
+        call = calls[0]
+        if not preserves_range(modules[call.name]) or counts.get(call.name, 0) != 1:
+            return None
+        followed.add(id(call))
+        last = call.name
         tensor, version = call.result, call.result_version
     return None
 

@@ -87,6 +87,8 @@ class LayerQuant:
         input_qdq: the input's fixed-range quantiser, or ``None`` where its input is already quantised
             (:func:`~lightning_compress.core.quantization.covered_inputs`).
         output_qdq: the output's, or ``None`` where the next layer's input range serves it.
+        output_at: the module whose output ``output_qdq`` quantises where that is not the layer (the end of its
+            tail of ReLU / pooling modules, :func:`~lightning_compress.core.quantization.tail_modules`).
     """
 
     bits: int
@@ -94,6 +96,7 @@ class LayerQuant:
     bn: str | None
     input_qdq: nn.Module | None
     output_qdq: nn.Module | None
+    output_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[
     example = example_input.to(device)
     shared = set(q.shared_range_layers(model, example))  # as the QAT callback did on its first batch
     covered = set(q.covered_inputs(model, example))
+    tails = q.tail_modules(model, example)
     names = {id(m): n for n, m in model.named_modules()}
     plan: dict[str, LayerQuant | SumQuant] = {}
     for name, layer in layers.items():
@@ -146,7 +150,8 @@ def int8_plan(model: nn.Module, fp32: nn.Module, example_input: Tensor) -> dict[
             weight = _fold_bn_into(plain, fp32.get_submodule(bn), weight)[0]
         scale = quant.scales(weight).cpu()  # max|w| / qmax of the folded weight, or the learned step sizes
         input_qdq = inputs.constant() if covers else None
-        plan[name] = LayerQuant(quant.bits, scale, bn, input_qdq, None if bypass else outputs.constant())
+        output_qdq = None if bypass else outputs.constant()
+        plan[name] = LayerQuant(quant.bits, scale, bn, input_qdq, output_qdq, tails.get(name))
     for name, module in q.quantized_sums(model).items():
         quantizer = getattr(module, q.SUM_QUANT)
         if not bool(quantizer.enabled):
@@ -193,7 +198,7 @@ def apply_int8(
         _constant_weight_qdq(layer, scale)
         q.set_input_quantizer(layer, nn.Identity() if spec.input_qdq is None else copy.deepcopy(spec.input_qdq))
         output = nn.Identity() if spec.output_qdq is None else copy.deepcopy(spec.output_qdq)
-        q.set_output_quantizer(layer, layer, output)
+        q.set_output_quantizer(layer, fp32.get_submodule(spec.output_at) if spec.output_at else layer, output)
     return fp32
 
 

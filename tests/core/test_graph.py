@@ -50,6 +50,40 @@ def test_reaches_follows_range_preserving_modules_only():
     assert reaches["0"] == "3" and reaches["3"] == "4" and reaches["4"] == "5"
 
 
+class _Tail(nn.Module):
+    """conv -> BN -> ReLU -> MaxPool, then code in ``forward``: the pooling, and (``branch``) a second use of the
+    block's output by a module too; ``twice`` calls the ReLU module a second time, elsewhere."""
+
+    def __init__(self, branch: bool = False, twice: bool = False) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(4, 2)
+        self.side = nn.Identity()
+        self.branch, self.twice = branch, twice
+
+    def forward(self, x):
+        y = self.block(x)
+        out = self.head(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+        if self.branch:
+            out = out + self.side(y).mean()
+        if self.twice:
+            out = self.block[2](out)
+        return out
+
+
+def test_tails_end_where_only_code_outside_the_modules_reads_the_path():
+    x = torch.randn(2, 1, 10, 10)
+    assert graph.analyze(_Tail(), x).tails == {"block.1": "block.3", "block.2": "block.3"}  # the conv feeds the BN
+    assert graph.analyze(_Tail(branch=True), x).tails == {}  # a module reads the block's output too
+    assert graph.analyze(_Tail(twice=True), x).tails == {}  # the ReLU module runs twice: its output hook would too
+    from lightning_compress.vision.models import cnn_small, cnn_wide
+
+    assert graph.analyze(cnn_wide(), torch.randn(2, 1, 28, 28)).tails == {
+        "features.9": "features.11", "features.10": "features.11"
+    }  # its forward average-pools the last block's output; cnn_small's reaches the classifier instead
+    assert graph.analyze(cnn_small(), torch.randn(2, 1, 28, 28)).tails == {}
+
+
 def test_the_analysis_keeps_no_tensor_and_no_model_alive():
     net, x = TinyNet(bn=True), torch.randn(2, 1, 8, 8)
     result = graph.analyze(net, x)

@@ -15,6 +15,8 @@ a layer's output and the next layer's input where the model analysis says they a
 :func:`quantize_sums` quantises the residual sums (``x + f(x)``) of two quantised tensors that a block
 computes in its own ``forward``, so ONNX Runtime adds them in int8 too, and :func:`share_inputs` lets a layer
 whose input is already quantised (a sum, or a layer output that also goes elsewhere) read it as it is.
+:func:`move_to_tails` quantises a layer's output after the ReLU / pooling modules that follow it where code
+outside the modules reads it next (``F.avg_pool2d`` in a ``forward``), so ONNX Runtime runs them in int8.
 
 Example::
 
@@ -227,14 +229,58 @@ def share_ranges(model: nn.Module, example: Any) -> list[str]:
     return shared
 
 
-def _output_owners(model: nn.Module) -> dict[str, str]:
+def _output_owners(model: nn.Module, example: Any) -> dict[str, str]:
     """``{layer: module}``: for each quantised layer not kept in float, the module whose output its output
-    quantiser quantises (the layer, or the BatchNorm folded into it)."""
+    quantiser quantises (the layer, the BatchNorm folded into it, or the end of its tail: :func:`tail_modules`)."""
     names = {id(m): n for n, m in model.named_modules()}
-    return {
+    owners = {
         name: names[id(weight_quantizer(layer).bn or layer)]
         for name, layer in quantized_layers(model).items() if not getattr(layer, UNREACHABLE, False)
     }  # fmt: skip
+    return {**owners, **tail_modules(model, example)}
+
+
+def tail_modules(model: nn.Module, example: Any) -> dict[str, str]:
+    """``{layer: module}``: the quantised layers (not kept in float) whose output passes range-preserving
+    modules (ReLU, MaxPool, Flatten, ...) and then code outside the modules (:attr:`ModelGraph.tails
+    <lightning_compress.core.graph.ModelGraph.tails>`, as ``F.avg_pool2d`` after a ``features`` block), with
+    the last of those modules: their output is quantised there. Deterministic for a given model, like
+    :func:`shared_range_layers`."""
+    graph = analyze(model, example)
+    names = {id(m): n for n, m in model.named_modules()}
+    tails = {}
+    for name, layer in quantized_layers(model).items():
+        start = names[id(weight_quantizer(layer).bn or layer)]
+        if start in graph.tails and not getattr(layer, UNREACHABLE, False):
+            tails[name] = graph.tails[start]
+    return tails
+
+
+def _hook_output(model: nn.Module, layer: nn.Module, owner: nn.Module) -> None:
+    """Make ``layer``'s output quantiser quantise ``owner``'s output, and no other module's."""
+    quantizer = getattr(layer, OUTPUT_QUANT)
+    for module in model.modules():
+        held = module.__dict__.get(_OUTPUT_QUANT_REF)
+        if module is not owner and held is not None and held[0] is quantizer:
+            _remove_hooks(module._forward_hooks, _quantise_output)
+            del module.__dict__[_OUTPUT_QUANT_REF]
+    set_output_quantizer(layer, owner, quantizer)
+
+
+def move_to_tails(model: nn.Module, example: Any) -> dict[str, str]:
+    """Quantise the output of every layer :func:`tail_modules` names at the end of its tail (and every other
+    layer's where it was: at the layer, or at its folded BatchNorm); return ``{layer: module}`` of the moved.
+
+    The same numbers in PyTorch (those modules commute with quantisation on a grid that holds 0, and a range
+    observed after a ReLU starts at 0), but the exported graph reads ``Conv -> Relu -> MaxPool -> Q``, which ONNX
+    Runtime runs as one int8 convolution (the ReLU fused) and an int8 max-pool, where a Q right after the conv,
+    on a range that holds its negative outputs, left the ReLU and the pooling in float behind a dequantise.
+    Call it before the ranges are observed (:func:`share_ranges` and it, then :func:`quantize_sums`)."""
+    tails = tail_modules(model, example)
+    for name, layer in quantized_layers(model).items():
+        target = model.get_submodule(tails[name]) if name in tails else weight_quantizer(layer).bn or layer
+        _hook_output(model, layer, target)
+    return tails
 
 
 def sum_modules(model: nn.Module, example: Any) -> list[str]:
@@ -243,7 +289,7 @@ def sum_modules(model: nn.Module, example: Any) -> list[str]:
     (ONNX Runtime's ``QLinearAdd``), while a float sum between them costs a dequantise and a quantise.
     Deterministic for a given model, like :func:`shared_range_layers`."""
     graph = analyze(model, example)
-    quantised = set(_output_owners(model).values())
+    quantised = set(_output_owners(model, example).values())
     chosen: list[str] = []
     for name, total in graph.sums.items():  # in call order: a sum of sums follows them
         if all(set(operand) & (quantised | set(chosen)) for operand in total.operands):
@@ -284,7 +330,7 @@ def covered_inputs(model: nn.Module, example: Any) -> list[str]:
     (ONNX Runtime then merges the two pairs its own way, a few steps off the model where the ranges differ)."""
     graph, layers = analyze(model, example), quantized_layers(model)
     shared = set(shared_range_layers(model, example))
-    owners = {owner for name, owner in _output_owners(model).items() if name not in shared}
+    owners = {owner for name, owner in _output_owners(model, example).items() if name not in shared}
     quantised = owners | set(quantized_sums(model))
     return sorted(name for name in layers if set(graph.inputs.get(name, ())) & quantised)
 
@@ -385,12 +431,12 @@ def unparametrize_weight(layer: nn.Module, value: Tensor | None = None) -> None:
 
 def strip(model: nn.Module) -> nn.Module:
     """Remove all fake quantisation from ``model`` in place: plain float layers, original state-dict keys."""
+    for module in model.modules():  # the output quantisers' hooks: on the layers, BatchNorms, tails
+        if module.__dict__.pop(_OUTPUT_QUANT_REF, None) is not None:
+            _remove_hooks(module._forward_hooks, _quantise_output)
     for layer in quantized_layers(model).values():
-        owner = weight_quantizer(layer).bn or layer
         unparametrize_weight(layer)
         _remove_hooks(layer._forward_pre_hooks, _quantise_input)
-        _remove_hooks(owner._forward_hooks, _quantise_output)
-        owner.__dict__.pop(_OUTPUT_QUANT_REF, None)
         for attr in (INPUT_QUANT, OUTPUT_QUANT):
             delattr(layer, attr)
     for module in quantized_sums(model).values():

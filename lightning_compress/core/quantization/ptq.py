@@ -42,6 +42,7 @@ from lightning_compress.core.quantization.attachment import (
     is_attached,
     leave_uncalled_in_float,
     link_batchnorms,
+    move_to_tails,
     quantize_sums,
     quantized_layers,
     set_weight_bits,
@@ -268,6 +269,7 @@ def calibrate(
     enable(model)
     floats = leave_uncalled_in_float(model, example)
     share_ranges(model, example)
+    move_to_tails(model, example)
     sums = quantize_sums(model, example)
     share_inputs(model, example)
     samples = observe(model, inputs)

@@ -79,6 +79,46 @@ def test_output_ranges_are_shared_only_through_relu_and_maxpool():
         assert share_ranges(model, x) == expected, name
 
 
+def test_an_output_read_by_functional_code_is_quantised_after_its_relu_and_pooling(tmp_path):
+    # #18: cnn_wide average-pools its last block functionally. Its last conv's output was quantised at the
+    # folded BatchNorm, on a range holding negative values: ONNX Runtime then ran the ReLU and max-pool in float
+    # behind a dequantise. Quantised after the MaxPool instead, on a range starting at 0, the same numbers reach
+    # the next op, and the optimised graph is ONNX Runtime's own quantize_static graph.
+    import onnx
+    import onnxruntime as ort
+
+    from lightning_compress import export_onnx
+    from lightning_compress.deploy.onnx import int8_copy, pick_logits
+    from lightning_compress.deploy.verify import verify_int8
+    from lightning_compress.vision.models import cnn_wide
+
+    torch.manual_seed(0)
+    model, x = cnn_wide().eval(), torch.randn(32, 1, 28, 28)
+    float_model = copy.deepcopy(model)
+    q.calibrate(model, [x[:16], x[16:]])
+    assert q.tail_modules(model, x[:2]) == {"features.8": "features.11"}
+    assert model.features[11].__dict__[attachment._OUTPUT_QUANT_REF][0] is model.features[8].output_quant
+    assert attachment._OUTPUT_QUANT_REF not in model.features[9].__dict__  # the BatchNorm no longer quantises
+    assert q.observer_ranges(model)["features.8.output_quant"][0] == 0.0  # observed after the ReLU
+    at_batchnorm = copy.deepcopy(model)  # the same quantiser at the BatchNorm's output: the same numbers
+    attachment._hook_output(at_batchnorm, at_batchnorm.features[8], at_batchnorm.features[9])
+    with torch.no_grad():
+        assert torch.equal(model(x), at_batchnorm(x))
+        fake_quant, floats = model(x), float_model(x)
+    path = export_onnx(model, x[:1], tmp_path / "wide.int8.onnx", int8=True)
+    assert verify_int8(path, int8_copy(model, x[:1]), x, fake_quant, floats, pick_logits)["passed"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 3 and "Relu" not in ops and "MaxPool" not in ops and "FusedConv" not in ops
+    assert ops.count("DequantizeLinear") == 1  # the logits only
+    stripped = q.strip(copy.deepcopy(model))
+    assert not any(attachment._OUTPUT_QUANT_REF in m.__dict__ for m in stripped.modules())
+    with torch.no_grad():
+        assert torch.equal(stripped(x), floats)
+
+
 def test_functional_ops_keep_their_output_quantiser():
     net = TinyNet(bn=True)  # F.relu / F.max_pool2d: invisible to module hooks, so nothing is shared
     q.attach(net)
