@@ -1,5 +1,5 @@
-"""Run by the DDP tests: MagnitudePruning + QuantizationAwareTraining + KnowledgeDistillation (with a
-feature adapter) + LowRankFactorization (at epoch 1, mid pruning ramp) + CompressionExport under DDP,
+"""Run by the DDP tests: MagnitudePruning (Taylor importance) + QuantizationAwareTraining + KnowledgeDistillation
+(with a feature adapter) + LowRankFactorization (at epoch 1, mid pruning ramp) + CompressionExport under DDP,
 2 CPU processes (gloo).
 
 Every rank records its masks after every mask update, its observer ranges after every step once
@@ -78,6 +78,7 @@ class Recorder(pl.Callback):
             "factorized": {name: list(f["ranks"]) for name, f in self.lowrank.factorized.items()},
             "exported": sorted(self.export.report.get("files", {})),
             "weight_bits": weight_bits(pl_module),
+            "taylor": self.pruning.state_dict()["scores"],
         }
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 
@@ -131,7 +132,8 @@ if __name__ == "__main__" and sys.argv[2:] == ["learned"]:
 elif __name__ == "__main__":
     pl.seed_everything(0, verbose=False)
     # per-layer settings too: a sparsity of its own, a rank of its own, a narrower width
-    pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1, layer_sparsity={"net.conv1": 0.5})
+    pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2, update_frequency=1, layer_sparsity={"net.conv1": 0.5},
+                               criterion="taylor")  # fmt: skip
     qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, layer_bits={"net.fc2": 4}, calibration_batches=2)
     kd = KnowledgeDistillation(TinyModule(bn=True), alpha=0.5, features={"net.fc1": "net.fc2"})
     lowrank = LowRankFactorization(epoch=1, ratio=0.5, include=["net.fc1", "net.conv2"], ranks={"net.fc1": 6})

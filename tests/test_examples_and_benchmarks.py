@@ -68,6 +68,14 @@ def test_low_rank_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_criteria_benchmark_smoke(tmp_path):
+    stdout = run_benchmark("criteria.py", ["--data", "digits", "--epochs", "1", "--seeds", "1"], tmp_path)
+    assert "| 50% channels, slimming |" in stdout and "| 98% weights, movement |" in stdout
+    accuracy = json.loads((tmp_path / "criteria.json").read_text())["accuracy"]
+    assert len(accuracy) == 8 and all(len(values) == 1 and 0 < values[0] <= 1 for values in accuracy.values())
+
+
+@pytest.mark.slow
 def test_structured_export_benchmark_smoke(tmp_path):
     args = ["--data", "digits", "--epochs", "2", "--ramp-end", "1", "--rounds", "1", "--runs", "3", "--skip-resnet"]
     stdout = run_benchmark("structured_export.py", args, tmp_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -28,7 +28,7 @@ from lightning_compress.callbacks.base import (
     distributed,
     is_number,
 )
-from lightning_compress.core import graph
+from lightning_compress.core import criteria, graph
 from lightning_compress.core import pruning as core
 from lightning_compress.core.layers import (
     attention_internals,
@@ -51,7 +51,7 @@ MAX_UPDATES_PER_EPOCH = 2  # ... but at most two an epoch (each costs a few ms)
 
 
 class MagnitudePruning(CompressionCallback):
-    """Prune Conv/Linear weights by magnitude on a schedule while the model trains.
+    """Prune Conv/Linear weights by magnitude (or another ``criterion``) on a schedule while the model trains.
 
     Masks are boolean buffers on the pruned modules (``weight_mask``), so checkpoints hold them;
     they are multiplied into the weights after every optimizer step (no forward hook, no wrapper,
@@ -78,6 +78,14 @@ class MagnitudePruning(CompressionCallback):
             same residual add share one mask, so :class:`~lightning_compress.CompressionExport` can
             remove the channels without changing the model).
         norm: channel score, ``l1`` or ``l2``.
+        criterion: what ranks the weights or channels (:mod:`lightning_compress.core.criteria`): ``magnitude``
+            (the default), ``taylor`` (first-order Taylor importance from the gradients since the last mask
+            update, Molchanov et al. 2019), ``fpgm`` (channels: distance to the layer's other filters, He et al.
+            2019), ``slimming`` (channels: ``|gamma|`` of their BatchNorm, under an L1 penalty on gamma until
+            the end of the ramp, Liu et al. 2017) or ``movement`` (weights: ``-sum g * w`` over the fit, Sanh et
+            al. 2020, for fine-tuning pretrained weights). Scores from gradients are checkpointed with the
+            callback and agree across DDP ranks (the same synchronised gradients; the masks are rank 0's).
+        slimming_strength: the L1 strength on BatchNorm gamma with ``criterion="slimming"`` (>= 0).
         include: module-name patterns (``fnmatch``) to prune; default every Conv and Linear layer that
             trains (frozen layers, ``requires_grad=False``, are left alone unless named).
         exclude: module-name patterns to leave alone.
@@ -120,9 +128,17 @@ class MagnitudePruning(CompressionCallback):
         exclude: Sequence[str] | str | None = None,
         fold_on_fit_end: bool = False,
         layer_sparsity: dict[str, float] | None = None,
+        criterion: Literal["magnitude", "taylor", "fpgm", "slimming", "movement"] = "magnitude",
+        slimming_strength: float = criteria.SLIMMING_STRENGTH,
         state_key_suffix: str = "",
     ) -> None:
         self.pattern = core.Pattern.parse(pattern)
+        self.criterion = criteria.check_criterion(criterion, self.pattern.kind, str(self.pattern))
+        if criterion == "movement" and scope == "lamp":
+            raise config_error("scope", "'global' or 'layer' with criterion 'movement' (its scores are signed)", scope)
+        if not is_number(slimming_strength) or slimming_strength < 0:
+            raise config_error("slimming_strength", "a number >= 0", slimming_strength)
+        self.slimming_strength = float(slimming_strength)
         self.final_sparsity = self._check_final(final_sparsity)
         if not is_number(initial_sparsity) or not 0.0 <= initial_sparsity <= self.final_sparsity:
             raise config_error("initial_sparsity", f"in [0, final_sparsity={self.final_sparsity}]", initial_sparsity)
@@ -183,6 +199,9 @@ class MagnitudePruning(CompressionCallback):
         self._untraced: str | None = None  # why the couplings could not be traced (warned once)
         self._handles: list[RemovableHandle] = []
         self._stage = "fit"
+        self._accumulator: criteria.Accumulator | None = None  # taylor / movement: scores from gradients
+        self._saved_scores: dict[str, Any] | None = None  # the accumulator's state, from a checkpoint
+        self._fallback_said = False
 
     def configure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_sparsity: dict[str, float]) -> None:
         """Prune exactly these layers, each to its sparsity, from now on (a plan made during the fit, before
@@ -342,6 +361,11 @@ class MagnitudePruning(CompressionCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.schedule = None if self._idle else self._build_schedule(trainer)
+        if self.criterion in criteria.FROM_GRADIENTS:
+            self._accumulator = criteria.Accumulator(self.criterion, channel=self.pattern.kind == "channel")
+            if self._saved_scores is not None:
+                self._accumulator.load_state_dict(self._saved_scores, pl_module.device)
+                self._saved_scores = None
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._pairs = self._mask_pairs()
@@ -380,6 +404,51 @@ class MagnitudePruning(CompressionCallback):
         self.last_update_step = step
         self._log(pl_module, on_step=True)
 
+    # -- criteria other than magnitude -------------------------------------------------------------------
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.schedule is None or not trainer.optimizers or optimizer is not trainer.optimizers[0]:
+            return
+        if self._accumulator is not None:  # the gradients of this step, synchronised across DDP ranks already
+            weights = [(name, weight_of(m)) for name, m in self._modules.items() if name not in self._entangled]
+            self._accumulator.add({name: (w, w.grad) for name, w in weights})
+        if self.criterion == "slimming" and trainer.global_step < self.schedule.end_step:
+            for gamma in self._slimmed().values():
+                criteria.slimming_penalty_(gamma, self.slimming_strength)
+
+    def _slimmed(self) -> dict[str, Tensor]:
+        """``{layer: gamma}``: the pruned layers whose channels a BatchNorm with a scale normalises, and its scale."""
+        pairs = self._bn_pairs or {}
+        return {
+            layer: cast(Tensor, self._bns[bn].weight) for layer, bn in pairs.items()
+            if layer in self._modules and bn in self._bns
+        }  # fmt: skip
+
+    def _importance(self, weights: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The scores ``criterion`` ranks (``None``: the magnitudes)."""
+        if self.criterion == "fpgm":
+            return {name: criteria.fpgm_scores(w) for name, w in weights.items()}
+        if self.criterion == "slimming":
+            found = {name: criteria.slimming_scores(gamma) for name, gamma in self._slimmed().items()}
+            found = {name: score for name, score in found.items() if name in weights}
+            self._say_fallback(sorted(set(weights) - set(found)), "no BatchNorm with a scale follows them")
+            return found
+        if self._accumulator is not None:
+            scores = {name: s for name, s in self._accumulator.scores().items() if name in weights}
+            missing = sorted(set(weights) - set(scores))
+            if missing:  # gradient scores and magnitudes do not compare: this update ranks all by magnitude
+                self._say_fallback(sorted(weights), f"no gradient has reached {missing} since the last update")
+                return None
+            return scores
+        return None
+
+    def _say_fallback(self, names: list[str], why: str) -> None:
+        if names and not self._fallback_said:  # once a fit
+            self._fallback_said = True
+            rank_zero_info(f"MagnitudePruning(criterion={self.criterion!r}) ranks {names} by magnitude: {why}")
+
     def update_masks(self, target: float) -> None:
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""
         weights = {name: weight_of(m) for name, m in self._modules.items() if name not in self._entangled}
@@ -387,7 +456,12 @@ class MagnitudePruning(CompressionCallback):
         segments = {n: s for n, s in found.items() if s is not None}
         share = target / self.final_sparsity if self.final_sparsity else 0.0  # how far along the ramp
         own = {name: value * share for name, value in self._targets.items() if name in weights}
-        masks = core.compute_masks(weights, target, self.pattern, self.scope, self.norm, self._couplings, segments, own)
+        masks = core.compute_masks(
+            weights, target, self.pattern, self.scope, self.norm, self._couplings, segments, own,
+            importance=self._importance(weights),
+        )  # fmt: skip
+        if self._accumulator is not None:
+            self._accumulator.reset()  # taylor: the next update averages the steps from here
         if distributed():
             masks = {name: _broadcast_mask(mask) for name, mask in masks.items()}
         core.set_masks(self._modules, masks)
@@ -437,12 +511,16 @@ class MagnitudePruning(CompressionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "last_update_step": self.last_update_step, "current_target": self.current_target}
+        state = {"kind": self.kind, "last_update_step": self.last_update_step, "current_target": self.current_target}
+        if self._accumulator is not None:
+            state["scores"] = self._accumulator.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_update_step = int(state_dict.get("last_update_step", -1))
         self.current_target = float(state_dict.get("current_target", 0.0))
+        self._saved_scores = state_dict.get("scores")
 
 
 def _broadcast_mask(mask: Tensor) -> Tensor:

@@ -190,8 +190,9 @@ def compute_masks(
     couplings: Sequence[Sequence[str]] = (),
     segments: Mapping[str, Sequence[int]] | None = None,
     layer_targets: Mapping[str, float] | None = None,
+    importance: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Boolean keep-masks that prune ``target`` of the given weights by magnitude.
+    """Boolean keep-masks that prune ``target`` of the given weights by magnitude, or by other scores.
 
     Args:
         weights: ``{name: weight}``; the masks have the same shapes.
@@ -216,6 +217,9 @@ def compute_masks(
         layer_targets: ``{name: fraction}`` for layers pruned to a sparsity of their own (each on its own,
             by its own scores); the others share ``target`` under ``scope``. Layers coupled into one channel
             mask must be given one value (or none).
+        importance: ``{name: scores}`` ranked instead of the magnitudes (the highest kept; see
+            :mod:`lightning_compress.core.criteria`): one per weight (the weight's shape) for ``unstructured``,
+            one per output channel for ``channel``; a layer without an entry ranks by magnitude. Not for N:M.
 
     Returns:
         ``{name: bool mask}``: ``True`` keeps a weight. Channel masks have shape ``(out_channels,)``.
@@ -234,13 +238,24 @@ def compute_masks(
     for name, value in own_targets.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
             raise config_error(f"layer_targets[{name!r}]", "in [0, 1)", value)
+    given = dict(importance or {})
+    for name, values in given.items():
+        weight = weights.get(name)
+        if weight is None:
+            raise config_error("importance", "scores for weights being pruned only", name)
+        expected = (int(weight.shape[0]),) if pattern.kind == "channel" else tuple(weight.shape)
+        if tuple(values.shape) != expected:
+            raise config_error(f"importance[{name!r}]", f"scores of shape {expected}", tuple(values.shape))
     if pattern.kind == "n:m":
+        if given:
+            raise config_error("importance", "None with an N:M pattern (its groups rank by magnitude)", sorted(given))
         return {name: _nm_mask(w, pattern, own_targets.get(name, target)) for name, w in weights.items()}
     if scope == "lamp" and pattern.kind != "unstructured":
         raise config_error("scope", f"'global' or 'layer' with pattern '{pattern}' ({LAMP_NEEDS})", scope)
     groups: list[list[str]] = []
     if pattern.kind == "channel":
-        scores = {name: _channel_scores(w, norm) for name, w in weights.items()}
+        scores = {name: given[name].detach().float() if name in given else _channel_scores(w, norm)
+                  for name, w in weights.items()}  # fmt: skip
         groups = [[n for n in group if n in scores] for group in couplings]
         groups = [g for g in groups if len(g) > 1 and len({scores[n].numel() for n in g}) == 1]
         for group in groups:  # one entry stands for the group: the mean of its members' relative scores
@@ -248,7 +263,8 @@ def compute_masks(
             for name in group[1:]:
                 del scores[name]
     else:
-        scores = {name: w.detach().abs().reshape(-1).float() for name, w in weights.items()}
+        scores = {name: (given[name] if name in given else w.abs()).detach().reshape(-1).float()
+                  for name, w in weights.items()}  # fmt: skip
         if scope == "lamp":
             scores = {name: lamp_scores(s) for name, s in scores.items()}
     own = _own_targets(scores, groups, own_targets)

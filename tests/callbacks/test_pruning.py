@@ -280,6 +280,10 @@ def test_ddp_two_processes_hold_identical_masks_at_every_update(ddp_run):
     assert 1 - float(final.pop("net.conv1").float().mean()) == pytest.approx(0.5, abs=0.01)  # its layer_sparsity
     kept = sum(int(m.sum()) for m in final.values())
     assert 1 - kept / sum(m.numel() for m in final.values()) == pytest.approx(0.8, abs=1e-3)
+    scores0, scores1 = rank0["taylor"], rank1["taylor"]  # criterion="taylor": the same scores on both ranks
+    assert scores0["steps"] == scores1["steps"] and scores0["sums"].keys() == scores1["sums"].keys()
+    for name, total in scores0["sums"].items():
+        assert torch.equal(total, scores1["sums"][name]), name
 
 
 def test_figures_reach_wandb_offline(tmp_path, monkeypatch):
@@ -465,3 +469,79 @@ def test_layer_sparsity_naming_no_selected_layer_fails_at_setup_with_the_choices
         fit([MagnitudePruning(0.5, layer_sparsity={"net.fc3": 0.5})], max_epochs=1)
     with pytest.raises(CompressionConfigError, match=r"`layer_sparsity\['net.fc2'\]` names \['net.fc2'\], which"):
         fit([MagnitudePruning(0.5, pattern="channel", layer_sparsity={"net.fc2": 0.5})], max_epochs=1)  # the classifier
+
+
+# -- criteria other than magnitude (#19) -------------------------------------------------------------
+class TaylorProbe(pl.Callback):
+    """Its own average of (g * w)^2 per weight over the steps before pruning starts (put it before the pruning)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.sums, self.steps = names, {}, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step >= STEPS_PER_EPOCH:
+            return
+        for name in self.names:
+            w = pl_module.get_submodule(name).weight
+            self.sums[name] = self.sums.get(name, 0) + (w.grad.double() * w.detach().double()) ** 2
+        self.steps += 1
+
+
+def test_taylor_masks_keep_the_weights_of_largest_mean_squared_gradient_times_weight():
+    names = ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
+    probe = TaylorProbe(names)
+    pruning = MagnitudePruning(0.7, start_epoch=1, end_epoch=1, schedule="constant", criterion="taylor")  # step 8 only
+    _, module = fit([probe, pruning], max_epochs=2)
+    assert probe.steps == STEPS_PER_EPOCH
+    scores = torch.cat([(probe.sums[n] / probe.steps).reshape(-1) for n in names])
+    masks = torch.cat([module.get_submodule(n).weight_mask.reshape(-1) for n in names])
+    kept = int(masks.sum())
+    assert kept == round(0.3 * len(scores))
+    assert torch.equal(masks, scores >= scores.topk(kept).values.min())  # no layer under its floor here
+    magnitude = fit([MagnitudePruning(0.7, start_epoch=1, end_epoch=1, schedule="constant")], max_epochs=2)[1]
+    assert not torch.equal(masks, torch.cat([magnitude.get_submodule(n).weight_mask.reshape(-1) for n in names]))
+
+
+@pytest.mark.parametrize("criterion", ["fpgm", "slimming"])
+def test_channel_criteria_prune_whole_channels(criterion):
+    pruning = MagnitudePruning(0.5, pattern="channel", end_epoch=1, criterion=criterion)
+    _, module = fit([pruning], module=TinyModule(bn=True), max_epochs=2)
+    for name in ("net.conv1", "net.conv2"):
+        mask = module.get_submodule(name).weight_mask
+        assert mask.reshape(mask.shape[0], -1).all(1).sum() < mask.shape[0]  # some whole filters pruned
+
+
+def test_slimming_pushes_batchnorm_scales_toward_zero_until_the_ramp_ends():
+    def gammas(strength):
+        pruning = MagnitudePruning(0.25, pattern="channel", end_epoch=2, criterion="slimming",
+                                   slimming_strength=strength)  # fmt: skip
+        _, module = fit([pruning], module=TinyModule(bn=True), max_epochs=2)
+        return float(module.net.bn1.weight.abs().sum() + module.net.bn2.weight.abs().sum())
+
+    assert gammas(0.05) < gammas(0.0) - 0.1  # 16 steps of lr 0.05 x 0.05 on 16 scales: about -0.6 in L1
+
+
+def test_a_resumed_fit_keeps_the_taylor_scores_of_the_open_window(tmp_path):
+    def run(ckpt_path=None, subdir="a"):
+        pruning = MagnitudePruning(0.8, end_epoch=3, update_frequency=12, criterion="taylor")  # windows span epochs
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / subdir, save_top_k=-1, every_n_epochs=1)
+        _, module = fit([pruning, checkpoint], max_epochs=4, ckpt_path=ckpt_path, enable_checkpointing=True)
+        return module, pruning
+
+    full, _ = run()
+    mid = tmp_path / "a" / "epoch=0-step=8.ckpt"  # 8 steps into the first 12-step window
+    saved = torch.load(mid, weights_only=True)["callbacks"]
+    assert next(state for state in saved.values() if state.get("kind") == "pruning")["scores"]["steps"] == 8
+    resumed, _ = run(ckpt_path=mid, subdir="b")
+    for name, layer in select_layers(full).items():
+        assert torch.equal(layer.weight_mask, resumed.get_submodule(name).weight_mask), name
+        assert torch.equal(layer.weight, resumed.get_submodule(name).weight), name
+
+
+def test_criterion_arguments_are_checked():
+    with pytest.raises(CompressionConfigError, match="`criterion` must be used with pattern 'channel'"):
+        MagnitudePruning(criterion="fpgm")
+    with pytest.raises(CompressionConfigError, match="`scope` must be 'global' or 'layer' with criterion 'movement'"):
+        MagnitudePruning(criterion="movement", scope="lamp")
+    with pytest.raises(CompressionConfigError, match="`slimming_strength` must be a number >= 0, got -1"):
+        MagnitudePruning(pattern="channel", criterion="slimming", slimming_strength=-1)
