@@ -129,6 +129,15 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def publish(name: str, args: Any, table: str, **results: Any) -> dict[str, Any]:
+    """Print ``table`` and save the run (its arguments, ``results`` and the table) as ``<args.out>/<name>.json``;
+    return what was saved."""
+    print(table)
+    payload = {"args": {k: str(v) for k, v in vars(args).items()}, **results, "table": table}
+    save(name, payload, args.out)
+    return payload
+
+
 def save(name: str, payload: Any, directory: Path = RESULTS) -> Path:
     """Write raw results to ``<directory>/<name>.json`` (default ``benchmarks/results``, ignored by git)."""
     directory.mkdir(parents=True, exist_ok=True)

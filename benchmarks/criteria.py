@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, fit, markdown, new_module, save
+from common import RESULTS, fit, markdown, new_module, publish
 
 from lightning_compress import MagnitudePruning
 
@@ -60,10 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ])  # fmt: skip
     table = markdown(["arm", "top-1 % (mean ± std)", "vs magnitude per seed", "paired mean"], rows)
     print(f"\n{args.model} on {args.data}, {args.epochs} epochs, seeds 0-{args.seeds - 1}\n")
-    print(table)
-    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "accuracy": accuracy, "table": table}
-    save("criteria", payload, args.out)
-    return payload
+    return publish("criteria", args, table, accuracy=accuracy)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, fit, markdown, new_module, ort_figures, save
+from common import RESULTS, fit, markdown, new_module, ort_figures, publish
 
 from lightning_compress import KnowledgeDistillation, LowRankFactorization, export_onnx, get_datamodule
 from lightning_compress.core.low_rank import plan
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({args.conv_method} for convs), seed {args.seed}; dense latency "
         f"{ort['dense']['latency_ms_spin1']:.2f} ms at batch 64\n"
     )
-    print(table)
-    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "figures": figures, "table": table}
-    save("low_rank", payload, args.out)
-    return payload
+    return publish("low_rank", args, table, figures=figures)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ Part 1, ``cnn_wide`` on mnist5k (one seed, Adam 1e-3):
   ours, 2E-R epochs      -- the same with the anchor's total training (ramp over the first E epochs);
   Torch-Pruning one-shot -- the dense model, ``tp.pruner.MagnitudePruner`` (L1, 50% of each layer's
                            channels, the classifier's outputs kept) in one step, then fine-tuned for
-                           the E-R epochs ours trains after its ramp ends (2E-R epochs in all).
+                           the E-R epochs ours trains after its ramp ends (2E-R epochs in all);
+  ours, <criterion>      -- ours ranked by ``--criterion`` (default ``slimming``), E epochs;
+  ours, <criterion> + self-KD -- the same, pruning from epoch 1 (one dense warm-up epoch), distilled from a
+                           copy of the model taken there (``KnowledgeDistillation(teacher="self")``), E epochs.
 Part 2, ``resnet18`` at 32x32 (random weights and inputs; structure and speed only): our channel
 masks (50% per layer, L1, layers feeding one residual add sharing a mask, as ``MagnitudePruning``
 chooses them) removed physically by the export path vs Torch-Pruning's one-shot pruning.
@@ -30,7 +33,14 @@ import torch
 from common import RESULTS, fit, markdown, new_module, ort_figures, save
 from torch import nn
 
-from lightning_compress import CompressionExport, MagnitudePruning, build_model, export_onnx, get_datamodule
+from lightning_compress import (
+    CompressionExport,
+    KnowledgeDistillation,
+    MagnitudePruning,
+    build_model,
+    export_onnx,
+    get_datamodule,
+)
 from lightning_compress.core import pruning as P
 from lightning_compress.core.graph import coupled_layers
 from lightning_compress.deploy.measure import count_parameters, ort_latency_ms
@@ -76,17 +86,24 @@ def part1(args: argparse.Namespace, folder: Path) -> tuple[list[list[Any]], dict
     anchor = copy.deepcopy(dense)
     tp_one_shot(anchor.model.eval(), example, args.ratio).train()
     fit(anchor, args.data, args.epochs - args.ramp_end, args.seed)
+    exports = {"ours (CompressionExport)": export, f"ours, {total} epochs (ramp to {args.epochs})": export_matched}
+    extra = ((f"ours, {args.criterion}", 0, False), (f"ours, {args.criterion} + self-KD", 1, True))
+    for i, (arm, start, teach) in enumerate(extra):
+        module = new_module("cnn_wide", args.data, args.seed)
+        pruning = MagnitudePruning(args.ratio, pattern="channel", scope="layer", start_epoch=start,
+                                   end_epoch=args.ramp_end, criterion=args.criterion)  # fmt: skip
+        exports[arm] = CompressionExport(folder / f"extra{i}", formats=["onnx"], example_input=example, plots=False)
+        taught = [KnowledgeDistillation("self", alpha=0.5)] if teach else []
+        fit(module, args.data, args.epochs, args.seed, [pruning, *taught, exports[arm]])
     paths = {
         "dense": export_onnx(dense.model, example, folder / "dense.onnx"),
-        "ours (CompressionExport)": Path(export.report["files"]["onnx"]["path"]),
-        f"ours, {total} epochs (ramp to {args.epochs})": Path(export_matched.report["files"]["onnx"]["path"]),
+        **{arm: Path(done.report["files"]["onnx"]["path"]) for arm, done in exports.items()},
         "Torch-Pruning one-shot + FT": export_onnx(anchor.model, example, folder / "tp.onnx"),
     }
     ort = ort_figures(paths, args.runs, args.rounds, spinning=(True,), data=args.data)
     params = {
         "dense": count_parameters(dense.model),
-        "ours (CompressionExport)": int(export.report["after"]["params"]),
-        f"ours, {total} epochs (ramp to {args.epochs})": int(export_matched.report["after"]["params"]),
+        **{arm: int(done.report["after"]["params"]) for arm, done in exports.items()},
         "Torch-Pruning one-shot + FT": count_parameters(anchor.model),
     }
     rows = [
@@ -94,8 +111,7 @@ def part1(args: argparse.Namespace, folder: Path) -> tuple[list[list[Any]], dict
          f"{ort[arm]['latency_ms_spin1'] / ort['dense']['latency_ms_spin1']:.2f}", f"{100 * ort[arm]['acc']:.2f}"]
         for arm in paths
     ]  # fmt: skip
-    checks = dict(export.report["verification"])
-    checks.update({f"matched/{k}": v for k, v in export_matched.report["verification"].items()})
+    checks = {f"{arm}/{k}": v for arm, done in exports.items() for k, v in done.report["verification"].items()}
     return rows, {"params": params, "ort": ort, "verification": checks}
 
 
@@ -134,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--criterion", default="slimming", help="the criterion of the two extra arms")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the raw JSON results")
     args = parser.parse_args(argv)

@@ -80,8 +80,10 @@ def test_structured_export_benchmark_smoke(tmp_path):
     args = ["--data", "digits", "--epochs", "2", "--ramp-end", "1", "--rounds", "1", "--runs", "3", "--skip-resnet"]
     stdout = run_benchmark("structured_export.py", args, tmp_path)
     assert "| cnn_wide: ours (CompressionExport) |" in stdout and "Torch-Pruning one-shot + FT" in stdout
+    assert "| cnn_wide: ours, slimming |" in stdout and "| cnn_wide: ours, slimming + self-KD |" in stdout
     saved = json.loads((tmp_path / "structured_export.json").read_text())["cnn_wide"]
     assert saved["params"]["ours (CompressionExport)"] < 0.35 * saved["params"]["dense"]
+    assert saved["params"]["ours, slimming + self-KD"] < 0.35 * saved["params"]["dense"]
     assert all(check["passed"] for check in saved["verification"].values())
 
 
