@@ -222,7 +222,7 @@ class KnowledgeDistillation(CompressionCallback):
             self.teacher, self.copied_at, self._saved_teacher = None, None, None
             for name in self.features.values():
                 core.resolve_module(self._output, name, "teacher")  # the copy has the model's names: check now
-            self._skeleton = float_copy(self._output)  # dense: for a resumed fit's saved copy (dropped once copied)
+            self._skeleton = _frozen_copy(self._output)  # dense: for a resumed fit's saved copy (dropped once copied)
         else:
             self._find_teacher_layers()
         self.adapters, self._shapes = {}, {}  # a resumed run rebuilds them in load_state_dict, next
@@ -239,8 +239,12 @@ class KnowledgeDistillation(CompressionCallback):
     def on_modules_replaced(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, replaced: dict[str, tuple[nn.Module, nn.Module]]
     ) -> None:
-        """Modules of the student were replaced: find the named layers again (adapters stay)."""
+        """Modules of the student were replaced: find the named layers again (adapters stay). With
+        ``teacher="self"``, a replacement made while the fit sets up (QAT's attention projections), before any
+        checkpoint is restored and before the copy, is one the copy will have: the dense skeleton is taken again."""
         self._find_layers(pl_module)
+        if self._skeleton is not None and self.teacher is None and trainer.ckpt_path is None:
+            self._skeleton = _frozen_copy(pl_module if self._output is None else self._output)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -272,7 +276,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     def _take_copy(self, trainer: pl.Trainer, by: CompressionCallback | None) -> None:
         assert self._output is not None  # set at setup
-        self.teacher = core.freeze_teacher(float_copy(self._output))
+        self.teacher = _frozen_copy(self._output)
         self._find_teacher_layers()
         self.copied_at = trainer.global_step
         self._skeleton = None
@@ -300,9 +304,9 @@ class KnowledgeDistillation(CompressionCallback):
         if self._saved_teacher is None or self._skeleton is None:
             raise CompressionConfigError(
                 f"KnowledgeDistillation(teacher='self') took its copy of the model at step {self.copied_at}, and "
-                "this checkpoint does not hold it: the model in the checkpoint is already compressed, so the copy "
-                "cannot be taken again. HINT: KnowledgeDistillation(teacher='self', save_teacher=True) keeps the copy "
-                "in the checkpoints of a run that is to be resumed"
+                "this checkpoint does not hold it: the model in the checkpoint has changed since (compressed, or "
+                "trained on), so the copy cannot be taken again. HINT: KnowledgeDistillation(teacher='self', "
+                "save_teacher=True) keeps the copy in the checkpoints of a run that is to be resumed"
             )
         self._skeleton.load_state_dict(self._saved_teacher)
         self.teacher, self._skeleton, self._saved_teacher = core.freeze_teacher(self._skeleton), None, None
@@ -419,7 +423,7 @@ class KnowledgeDistillation(CompressionCallback):
         self._patch.exit(pl_module)
         self._optimizer, self._schedulers = None, []
         self._student_layers, self._output = {}, None  # no reference to the model outlives the fit
-        self._skeleton = self._saved_teacher = None
+        self._skeleton = self._saved_teacher = None  # the copy itself stays, as a given teacher does (setup drops it)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -451,6 +455,16 @@ class KnowledgeDistillation(CompressionCallback):
             self._saved_teacher = state_dict.get("teacher")
         elif "teacher" in state_dict and self.teacher is not None:
             self.teacher.load_state_dict(state_dict["teacher"])
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A frozen dense float copy of ``module`` (:func:`float_copy`) without the load hooks other callbacks put on
+    the model (low-rank's rebuild before loading would act on the live Trainer): a teacher, not a student."""
+    copied = float_copy(module)
+    for part in copied.modules():
+        part._load_state_dict_pre_hooks.clear()
+        part._load_state_dict_post_hooks.clear()
+    return core.freeze_teacher(copied)
 
 
 def load_teacher(path: str | os.PathLike[str], teacher_class: type[nn.Module] | None = None) -> nn.Module:

@@ -363,9 +363,14 @@ class MagnitudePruning(CompressionCallback):
         self.schedule = None if self._idle else self._build_schedule(trainer)
         if self.criterion in criteria.FROM_GRADIENTS:
             self._accumulator = criteria.Accumulator(self.criterion, channel=self.pattern.kind == "channel")
-            if self._saved_scores is not None:
-                self._accumulator.load_state_dict(self._saved_scores, pl_module.device)
-                self._saved_scores = None
+            saved, self._saved_scores = self._saved_scores, None
+            if saved is not None and saved.get("criterion") == self.criterion:
+                self._accumulator.load_state_dict(saved, pl_module.device)
+            elif saved is not None:
+                rank_zero_warn(
+                    f"MagnitudePruning(criterion={self.criterion!r}) starts its scores afresh: the checkpoint holds "
+                    f"{saved.get('criterion')!r} scores, which do not rank the same way"
+                )
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._pairs = self._mask_pairs()
@@ -435,19 +440,23 @@ class MagnitudePruning(CompressionCallback):
             found = {name: score for name, score in found.items() if name in weights}
             self._say_fallback(sorted(set(weights) - set(found)), "no BatchNorm with a scale follows them")
             return found
+        if self._accumulator is not None and self._accumulator.steps == 0:
+            return None  # no step yet (pruning from step 0): magnitudes, as the schedule's first update expects
         if self._accumulator is not None:
             scores = {name: s for name, s in self._accumulator.scores().items() if name in weights}
             missing = sorted(set(weights) - set(scores))
             if missing:  # gradient scores and magnitudes do not compare: this update ranks all by magnitude
-                self._say_fallback(sorted(weights), f"no gradient has reached {missing} since the last update")
+                self._say_fallback(sorted(weights), f"no gradient has reached {missing} since the last update "
+                                   "(frozen, unused in training, or just replaced)", warn=True)  # fmt: skip
                 return None
             return scores
         return None
 
-    def _say_fallback(self, names: list[str], why: str) -> None:
-        if names and not self._fallback_said:  # once a fit
+    def _say_fallback(self, names: list[str], why: str, warn: bool = False) -> None:
+        if names and not self._fallback_said:  # once a run of this instance
             self._fallback_said = True
-            rank_zero_info(f"MagnitudePruning(criterion={self.criterion!r}) ranks {names} by magnitude: {why}")
+            say = rank_zero_warn if warn else rank_zero_info
+            say(f"MagnitudePruning(criterion={self.criterion!r}) ranks {names} by magnitude: {why}")
 
     def update_masks(self, target: float) -> None:
         """Recompute the masks for ``target`` sparsity, agree on them across ranks, zero the weights."""

@@ -113,6 +113,7 @@ class Accumulator:
             raise config_error("criterion", one_of(FROM_GRADIENTS), criterion)
         self.criterion, self.channel = criterion, channel
         self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}  # the steps that reached each layer (a frozen or unused one: none)
         self.steps = 0
 
     def add(self, weights: Mapping[str, tuple[Tensor, Tensor | None]]) -> None:
@@ -122,24 +123,28 @@ class Accumulator:
                 continue
             taylor = self.criterion == "taylor"
             step = taylor_step(weight, grad, self.channel) if taylor else movement_step(weight, grad)
+            step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)  # a step mixed precision skips adds 0
             total = self.sums.get(name)
             self.sums[name] = step if total is None else total.add_(step)
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.steps += 1
 
     def scores(self) -> dict[str, Tensor]:
         """``{layer: scores}`` (float32): the mean over the steps for ``taylor``, the sum for ``movement``."""
         if self.criterion == "taylor":
-            return {name: (total / max(1, self.steps)).float() for name, total in self.sums.items()}
+            return {name: (total / max(1, self.counts.get(name, 1))).float() for name, total in self.sums.items()}
         return {name: total.float() for name, total in self.sums.items()}
 
     def reset(self) -> None:
         """Start a new averaging window (``taylor``; ``movement`` keeps its sums for the whole fit)."""
         if self.criterion == "taylor":
-            self.sums, self.steps = {}, 0
+            self.sums, self.counts, self.steps = {}, {}, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "steps": self.steps, "sums": {n: t.cpu() for n, t in self.sums.items()}}
+        sums = {n: t.cpu() for n, t in self.sums.items()}
+        return {"criterion": self.criterion, "steps": self.steps, "counts": dict(self.counts), "sums": sums}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
         self.steps = int(state.get("steps", 0))
         self.sums = {name: t.to(device=device, dtype=torch.float64) for name, t in state.get("sums", {}).items()}
+        self.counts = {name: int(n) for name, n in state.get("counts", {n: self.steps for n in self.sums}).items()}

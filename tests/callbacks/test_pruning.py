@@ -545,3 +545,11 @@ def test_criterion_arguments_are_checked():
         MagnitudePruning(criterion="movement", scope="lamp")
     with pytest.raises(CompressionConfigError, match="`slimming_strength` must be a number >= 0, got -1"):
         MagnitudePruning(pattern="channel", criterion="slimming", slimming_strength=-1)
+
+
+def test_scores_of_another_criterion_in_a_checkpoint_are_not_used(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    fit([MagnitudePruning(0.5, end_epoch=2, criterion="movement"), checkpoint], max_epochs=2, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match="starts its scores afresh: the checkpoint holds 'movement' scores"):
+        fit([MagnitudePruning(0.5, end_epoch=2, criterion="taylor")], max_epochs=3,
+            ckpt_path=tmp_path / "epoch=1-step=16.ckpt")  # fmt: skip

@@ -74,3 +74,12 @@ def test_importance_must_match_what_is_pruned():
         compute_masks(weights, 0.5, importance={"conv": torch.rand(4, 3)})
     scores = torch.arange(12.0).reshape(4, 3)  # the last six kept, whatever the weights
     assert compute_masks(weights, 0.5, importance={"fc": scores})["fc"].reshape(-1).tolist() == [False] * 6 + [True] * 6
+
+
+def test_the_accumulator_skips_non_finite_gradients_and_counts_each_layer_s_own_steps():
+    weight = torch.tensor([[1.0, 2.0]])
+    accumulator = criteria.Accumulator("taylor", channel=False)
+    accumulator.add({"fc": (weight, torch.tensor([[1.0, 1.0]])), "late": (weight, None)})
+    accumulator.add({"fc": (weight, torch.tensor([[float("inf"), 1.0]])), "late": (weight, torch.ones(1, 2))})
+    scores = accumulator.scores()  # a mixed-precision step the scaler skips: its inf adds nothing
+    assert scores["fc"].tolist() == [[0.5, 4.0]] and scores["late"].tolist() == [[1.0, 4.0]]  # 2 steps and 1
