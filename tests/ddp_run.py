@@ -48,9 +48,13 @@ class Recorder(pl.Callback):
         self.export = export
         self.seen = -1
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.taylor: dict[str, Any] = {}  # the last non-empty Taylor window (it is emptied at every update)
         self.ranges: dict[int, dict[str, tuple[float, float]]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        scores = self.pruning.state_dict()["scores"]
+        if scores["steps"]:
+            self.taylor = scores
         if self.pruning.last_update_step != self.seen:
             self.seen = self.pruning.last_update_step
             self.masks[self.seen] = {n: m.weight_mask.clone() for n, m in self.pruning.modules.items()}
@@ -78,7 +82,7 @@ class Recorder(pl.Callback):
             "factorized": {name: list(f["ranks"]) for name, f in self.lowrank.factorized.items()},
             "exported": sorted(self.export.report.get("files", {})),
             "weight_bits": weight_bits(pl_module),
-            "taylor": self.pruning.state_dict()["scores"],
+            "taylor": self.taylor,
         }
         torch.save(payload, Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
 

@@ -416,7 +416,8 @@ class MagnitudePruning(CompressionCallback):
     ) -> None:
         if self.schedule is None or not trainer.optimizers or optimizer is not trainer.optimizers[0]:
             return
-        if self._accumulator is not None:  # the gradients of this step, synchronised across DDP ranks already
+        if self._accumulator is not None and trainer.global_step < self.schedule.end_step:  # no update follows after
+            # the gradients of this step, synchronised across DDP ranks already
             weights = [(name, weight_of(m)) for name, m in self._modules.items() if name not in self._entangled]
             self._accumulator.add({name: (w, w.grad) for name, w in weights})
         if self.criterion == "slimming" and trainer.global_step < self.schedule.end_step:
