@@ -64,6 +64,15 @@ class EpochTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or validation; ``kwargs`` add to it."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+    }  # fmt: skip
+    return pl.Trainer(**{**options, **kwargs})
+
+
 def fit(
     module: pl.LightningModule,
     data: str,
@@ -79,17 +88,7 @@ def fit(
     pl.seed_everything(seed, verbose=False)
     datamodule = get_datamodule(data, seed=seed, batch_size=batch_size)
     timer = EpochTimer()
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=[*callbacks, timer],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*callbacks, timer])
     trainer.fit(module, datamodule=datamodule)
     LAST_EPOCH_TIMES[:] = timer.times
     result = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)

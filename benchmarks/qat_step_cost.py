@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import RESULTS, get_datamodule, markdown, new_module, save
+from common import RESULTS, get_datamodule, markdown, new_module, quiet_trainer, save
 
 from lightning_compress import QuantizationAwareTraining
 
@@ -53,17 +53,7 @@ class StepTimer(pl.Callback):
 def step_times(arm: str, args: argparse.Namespace, seed: int) -> list[float]:
     module = new_module(args.model, args.data, seed, optimizer="sgd", lr=0.01)
     timer = StepTimer()
-    trainer = pl.Trainer(
-        max_steps=args.warmup + args.steps,
-        callbacks=[*ARMS[arm](), timer],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=args.warmup + args.steps, callbacks=[*ARMS[arm](), timer])
     pl.seed_everything(seed, verbose=False)
     trainer.fit(module, datamodule=get_datamodule(args.data, seed=seed, batch_size=args.batch_size))
     return timer.times[args.warmup :]
